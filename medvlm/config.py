@@ -1,0 +1,228 @@
+"""Typed stage configs loaded from YAML, with ``--set a.b=c`` overrides.
+
+Every key is checked: an unknown key fails with the nearest valid name, a wrong type fails naming the
+key, the expected type and the value. YAML 1.1 reads ``1e-3`` as a string; float fields accept it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the fix."""
+
+
+@dataclass
+class DataSource:
+    """One conversation file (LLaVA JSON/JSONL) and the folder its ``image`` paths are relative to."""
+
+    path: str
+    images: str | None = None
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class StageConfig:
+    """One training stage. ``medvlm train STAGE.yaml`` runs exactly this; curricula build these."""
+
+    name: str = "stage"
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    init_projector: str | None = None          # LLaVA's pretrain_mm_mlp_adapter
+    trainable: str = "projector+llm"            # projector | projector+llm | lora | ...+vision
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: list[DataSource] = field(default_factory=list)
+    template: str | None = None                 # llava_v1 | plain | chat_template; None: the model's own
+    system: str | None = None
+    output_dir: str = "runs/stage"
+    epochs: float = 1.0
+    max_steps: int | None = None                # optimizer steps; overrides epochs when set
+    batch_size: int = 4                         # per device
+    grad_accum: int = 1
+    lr: float = 2e-5
+    projector_lr: float | None = None           # LLaVA's mm_projector_lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    overlength: Literal["skip", "truncate"] = "skip"
+    image_aspect_ratio: Literal["pad", "resize"] = "pad"
+    group_by_length: bool = True
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    deepspeed: str | None = None                # zero2 | zero3 | path to a DeepSpeed JSON
+    gradient_checkpointing: bool = False
+    save_steps: int = 0                         # 0: checkpoint at each epoch end only
+    keep_last: int = 2
+    log_steps: int = 10
+    num_workers: int = 0
+    save_projector: bool | None = None          # None: yes when only the projector trains
+    max_skip_rate: float = 0.05                 # stop if more records than this fraction are unusable
+    tensorboard: bool = False
+    trust_remote_code: bool = False
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["lr=1e-4", "lora.r=16", "data.0.path=x.json"]`` applied to a nested dict (values parsed as YAML)."""
+    data = _deep_copy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lr=1e-4")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node: Any = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _deep_copy(value):
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from ``data``, checking names and types recursively."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{name}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, name)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where or cls.__name__}: missing required key(s) {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, name: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"'{name}': invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"'{name}' must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"'{name}' must be a list; got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{name}.{i}") for i, v in enumerate(value)] if args else value
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{name}' must be a mapping; got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if hint is DataSource and isinstance(value, str):
+            return DataSource(path=value)
+        return from_dict(hint, value, name)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{name}' must be true or false; got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{name}' must be an integer; got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{name}' must be a number; got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"'{name}' must be a string; got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_stage(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> StageConfig:
+    """Stage config from a YAML file (paths in it are relative to the file) and ``--set`` overrides."""
+    raw = load_yaml(path) if path is not None else (data or {})
+    raw = apply_overrides(raw, overrides or [])
+    config = from_dict(StageConfig, raw)
+    if path is not None:
+        resolve_paths(config, Path(path).parent)
+    return config
+
+
+def resolve_paths(config: StageConfig, base: Path) -> None:
+    """Make relative data/image/output paths relative to ``base`` (the YAML file's folder)."""
+    def fix(p: str | None) -> str | None:
+        return None if p is None or Path(p).is_absolute() else str((base / p).resolve())
+
+    for source in config.data:
+        source.path = fix(source.path)
+        source.images = fix(source.images) if source.images is not None else None
+    if config.init_projector:
+        config.init_projector = fix(config.init_projector)
+    config.output_dir = fix(config.output_dir)
+    if "checkpoint" in config.model and isinstance(config.model["checkpoint"], str):
+        candidate = base / config.model["checkpoint"]
+        if candidate.exists():
+            config.model = {"checkpoint": str(candidate.resolve())}
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

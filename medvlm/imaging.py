@@ -1,0 +1,162 @@
+"""Images for the model: PNG/JPEG/GIF/TIFF through Pillow, DICOM through pydicom.
+
+DICOM to an 8-bit RGB picture follows what a radiologist's viewer shows:
+1. the first frame of a multi-frame object;
+2. Modality LUT (``RescaleSlope``/``RescaleIntercept``, e.g. CT to Hounsfield units);
+3. the VOI window from the file (``WindowCenter``/``WindowWidth``, first value when several) or, when
+   the file has none, min-max over the frame;
+4. ``MONOCHROME1`` inverted so that high values are dark as intended;
+5. scaled to 0..255 and replicated to three channels. Colour (RGB/YBR) DICOMs are converted to RGB,
+   and PALETTE COLOR ones (ultrasound) through their colour lookup table.
+
+``pad_to_square`` is LLaVA's ``image_aspect_ratio: pad``: expand to a square filled with the image
+processor's mean colour, so no anatomy is cropped away by the centre crop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+
+
+class ImageLoadError(ValueError):
+    """An image file that cannot be turned into a picture; the message names the file and the fix."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open ``path`` as an RGB PIL image; DICOM is recognised by suffix or by its ``DICM`` preamble."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(f"{path}: image file not found")
+    if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
+        return dicom_to_image(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(f"{path}: not a readable image ({exc}); re-download or remove the file") from exc
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(_scale_to_uint8(arr, arr.min(), arr.max())).convert("RGB")
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def dicom_to_image(path: str | os.PathLike) -> Image.Image:
+    """Render a DICOM file's first frame as an 8-bit RGB image (see module docstring for the steps)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise ImageLoadError(f"{path}: not a readable DICOM file ({exc}); the file may be truncated") from exc
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageLoadError(f"{path}: DICOM has no pixel data (e.g. a structured report); it cannot be used as an image")
+    try:
+        pixels = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        syntax = getattr(ds.file_meta, "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise ImageLoadError(
+            f"{path}: cannot decode pixel data with transfer syntax {name}; install a decoder: "
+            "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
+        ) from exc
+    except (ValueError, EOFError, OSError) as exc:
+        raise ImageLoadError(f"{path}: DICOM pixel data is damaged ({exc}); the file may be truncated") from exc
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        pixels = pixels[0]
+    if str(getattr(ds, "PhotometricInterpretation", "")) == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        return _colour_dicom(ds, apply_color_lut(pixels, ds))
+    if samples == 3:
+        return _colour_dicom(ds, pixels)
+    return Image.fromarray(_grey_to_uint8(ds, pixels)).convert("RGB")
+
+
+def _colour_dicom(ds, pixels: np.ndarray) -> Image.Image:
+    # pydicom 3 already converts YBR photometric interpretations to RGB in ``pixel_array``.
+    if pixels.dtype != np.uint8:
+        pixels = _scale_to_uint8(pixels.astype(np.float64), float(pixels.min()), float(pixels.max()))
+    return Image.fromarray(pixels.astype(np.uint8), mode="RGB")
+
+
+def _grey_to_uint8(ds, pixels: np.ndarray) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut
+
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    window = _voi_window(ds)
+    if window is not None:
+        center, width = window
+        low, high = center - width / 2.0, center + width / 2.0
+    else:
+        low, high = float(values.min()), float(values.max())
+    out = _scale_to_uint8(values, low, high)
+    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def _voi_window(ds) -> tuple[float, float] | None:
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    center, width = _first_value(center.value), _first_value(width.value)
+    if width <= 1:
+        return None
+    return center, width
+
+
+def _first_value(value) -> float:
+    """Window tags may hold several values (alternative windows); the first is the default view."""
+    if isinstance(value, (str, bytes, int, float)):
+        return float(value)
+    return float(value[0])
+
+
+def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (np.clip(values, low, high) - low) / (high - low) * 255.0
+    return np.round(scaled).astype(np.uint8)
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's ``expand2square``: centre the image on a square canvas of colour ``fill``."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def mean_colour(image_processor) -> tuple[int, int, int]:
+    mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+    return tuple(int(round(m * 255)) for m in mean)

@@ -1,0 +1,410 @@
+"""Build, load and save LLaVA models as plain Hugging Face ``LlavaForConditionalGeneration``.
+
+Three sources (``ModelSource`` in ``config.py``):
+- ``checkpoint``: a folder that ``LlavaForConditionalGeneration.from_pretrained`` reads (ours, or a
+  released HF-format LLaVA such as ``llava-hf/llava-1.5-7b-hf``);
+- ``compose``: a CLIP vision encoder folder + a causal LM folder (or a ``.gguf`` file, read through
+  transformers' ``gguf_file``) + a fresh ``mlp2x_gelu`` projector, LLaVA-1.5's architecture: features of
+  the second-to-last vision layer, CLS token dropped, ``<image>`` added to the tokenizer;
+- ``preset: tiny``: CLIP 224/16 (hidden 128, 2 layers) + Llama (hidden 128, 2 layers) + a byte-level
+  BPE tokenizer trained on the fly; seconds to build, for tests and the demo.
+
+Every folder we save loads with ``LlavaForConditionalGeneration.from_pretrained`` and
+``AutoProcessor.from_pretrained`` alone. ``medvlm.json`` next to the weights records the prompt
+template the model was trained with; it is optional metadata, never needed to load the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+METADATA_FILE = "medvlm.json"
+PROJECTOR_FILE = "mm_projector.safetensors"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TRAINABLE_PARTS = ("projector", "llm", "lora", "vision")
+
+LLAVA_V1_JINJA = (
+    "{%- set system = 'A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human\\'s questions.' -%}"
+    "{{ system }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ ' USER: ' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ ' ASSISTANT:' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if message['content'] is string -%}{{ ' ' + message['content'] }}"
+    "{%- else -%}{{ ' ' + message['content'][0]['text'] }}{%- endif -%}"
+    "{{ eos_token if eos_token is defined else '</s>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+@dataclass
+class LlavaBundle:
+    """A model with everything needed to feed it: processor (image processor + tokenizer) and template."""
+
+    model: Any
+    processor: Any
+    template: str = "llava_v1"
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def image_processor(self):
+        return self.processor.image_processor
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def base_model(self):
+        """The ``LlavaForConditionalGeneration`` inside a peft wrapper, or the model itself."""
+        model = self.model
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        return model
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return num_image_tokens(self.config)
+
+
+def num_image_tokens(config) -> int:
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+# --------------------------------------------------------------------------------------- sources
+def load_model(source: dict, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LlavaBundle:
+    """Dispatch on a model source dict: ``{checkpoint: DIR}``, ``{compose: {...}}`` or ``{preset: tiny}``."""
+    if not isinstance(source, dict) or len(source) != 1:
+        raise ValueError(f"model source must have exactly one of checkpoint/compose/preset, got {source!r}")
+    kind, value = next(iter(source.items()))
+    if kind == "checkpoint":
+        return load_checkpoint(value, dtype=dtype, trust_remote_code=trust_remote_code)
+    if kind == "compose":
+        return compose(**value, dtype=dtype, trust_remote_code=trust_remote_code)
+    if kind == "preset":
+        if value != "tiny":
+            raise ValueError(f"unknown preset {value!r}; the only preset is 'tiny'")
+        return build_tiny()
+    raise ValueError(f"unknown model source {kind!r}; use checkpoint, compose or preset")
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LlavaBundle:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: not a model folder (no config.json); pass a folder written by save_pretrained or a stage's checkpoint/"
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype or "auto", trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    metadata = read_metadata(path)
+    return LlavaBundle(model, processor, metadata.get("template", "llava_v1"), metadata)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    file = Path(path) / METADATA_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def build_tiny(seed: int = 0) -> LlavaBundle:
+    """The ``tiny`` preset: a randomly initialised LLaVA small enough to train on a laptop CPU."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = build_tiny_tokenizer()
+    vision = CLIPVisionConfig(
+        image_size=224, patch_size=16, hidden_size=128, intermediate_size=512,
+        num_hidden_layers=2, num_attention_heads=4, projection_dim=128,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(224 // 16) ** 2, projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = make_processor(make_image_processor(224), tokenizer, vision.patch_size, LLAVA_V1_JINJA)
+    return LlavaBundle(model, processor, "llava_v1", {"template": "llava_v1", "source": "preset:tiny"})
+
+
+def build_tiny_tokenizer(vocab_size: int = 2048):
+    """A byte-level BPE tokenizer trained on ``data/tiny_corpus.txt``; deterministic for a given corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = (Path(__file__).parent / "data" / "tiny_corpus.txt").read_text().splitlines()
+    specials = ["<unk>", "<s>", "</s>", PAD_TOKEN, IMAGE_TOKEN]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=PAD_TOKEN,
+        model_max_length=1024, padding_side="right",
+    )
+    tokenizer.add_tokens([_special(IMAGE_TOKEN)], special_tokens=True)
+    tokenizer.chat_template = LLAVA_V1_JINJA
+    return tokenizer
+
+
+def _special(text: str):
+    from tokenizers import AddedToken
+
+    return AddedToken(text, special=True, normalized=False, lstrip=False, rstrip=False)
+
+
+def make_image_processor(size: int):
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        do_center_crop=True, do_resize=True, do_normalize=True, do_convert_rgb=True,
+    )
+
+
+def make_processor(image_processor, tokenizer, patch_size: int, chat_template: str | None):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=chat_template, image_token=IMAGE_TOKEN,
+    )
+
+
+def compose(
+    vision: str,
+    llm: str,
+    gguf_file: str | None = None,
+    template: str | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> LlavaBundle:
+    """LLaVA-1.5 from parts: CLIP tower + causal LM + a new 2-layer GELU projector.
+
+    ``llm`` may be a folder, a hub-style folder plus ``gguf_file``, or a path ending in ``.gguf``.
+    """
+    from accelerate import init_empty_weights
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer,
+                              CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration)
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    if gguf_file is None and str(llm).endswith(".gguf"):
+        llm, gguf_file = str(Path(llm).parent), Path(llm).name
+    lm_kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        lm_kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(llm, **lm_kwargs)
+    language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or torch.float32, **lm_kwargs)
+    vision_model = CLIPVisionModel.from_pretrained(vision, dtype=dtype or torch.float32)
+    vision_config = vision_model.config
+
+    added = tokenizer.add_tokens([_special(IMAGE_TOKEN)], special_tokens=True)
+    if tokenizer.pad_token is None:
+        # Real LMs often ship no pad token; padding with EOS would mask EOS out of the labels' learning.
+        added += tokenizer.add_tokens([_special(PAD_TOKEN)], special_tokens=True)
+        tokenizer.pad_token = PAD_TOKEN
+    if added:
+        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    text_config = language_model.config
+    text_config.pad_token_id = tokenizer.pad_token_id
+
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    with init_empty_weights():
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision_model
+    model.model.language_model = language_model.model
+    model.lm_head = language_model.lm_head
+    torch.manual_seed(seed)
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(language_model.dtype)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    model.generation_config = language_model.generation_config
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(vision)
+    except (OSError, ValueError):
+        image_processor = make_image_processor(vision_config.image_size)
+    if template is None:
+        template = "chat_template" if getattr(tokenizer, "chat_template", None) else "llava_v1"
+    if template == "llava_v1" or not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = LLAVA_V1_JINJA
+    processor = make_processor(image_processor, tokenizer, vision_config.patch_size, tokenizer.chat_template)
+    meta = {"template": template, "source": f"compose:{vision}+{llm}{'/' + gguf_file if gguf_file else ''}"}
+    return LlavaBundle(model, processor, template, meta)
+
+
+# --------------------------------------------------------------------------------------- trainable parts
+def parse_trainable(policy: str) -> set[str]:
+    """``"projector+llm"`` → ``{"projector", "llm"}``; ``lora`` always trains the projector fully too."""
+    parts = {p.strip() for p in policy.split("+") if p.strip()}
+    unknown = parts - set(TRAINABLE_PARTS)
+    if unknown or not parts:
+        raise ValueError(
+            f"trainable {policy!r}: unknown part(s) {sorted(unknown)}; combine {', '.join(TRAINABLE_PARTS)} with '+', "
+            "e.g. 'projector', 'projector+llm', 'lora'"
+        )
+    if "lora" in parts and "llm" in parts:
+        raise ValueError("trainable: choose 'llm' (full) or 'lora' (adapters), not both")
+    if "lora" in parts:
+        parts.add("projector")
+    return parts
+
+
+def apply_trainable(bundle: LlavaBundle, policy: str, lora: dict | None = None) -> LlavaBundle:
+    """Freeze everything, then unfreeze the parts ``policy`` names; ``lora`` wraps the LM with peft."""
+    parts = parse_trainable(policy)
+    model = bundle.model
+    model.requires_grad_(False)
+    inner = model.model
+    if "projector" in parts:
+        inner.multi_modal_projector.requires_grad_(True)
+    if "llm" in parts:
+        inner.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    if "vision" in parts:
+        inner.vision_tower.requires_grad_(True)
+    if "lora" in parts:
+        model = _wrap_lora(model, lora or {}, train_vision="vision" in parts)
+    bundle.model = model
+    return bundle
+
+
+def _wrap_lora(model, settings: dict, train_vision: bool):
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.get("target_modules") or list(LORA_TARGETS)
+    # A bare ["q_proj", "v_proj"] would also match CLIP's attention; restrict to the language model.
+    pattern = r"model\.language_model\..*\.(" + "|".join(targets) + r")"
+    modules_to_save = ["multi_modal_projector"] + (["vision_tower"] if train_vision else [])
+    config = LoraConfig(
+        r=int(settings.get("r", 8)), lora_alpha=int(settings.get("alpha", 16)),
+        lora_dropout=float(settings.get("dropout", 0.05)), target_modules=pattern,
+        modules_to_save=modules_to_save, bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_summary(model) -> dict[str, int]:
+    def size(p):  # ZeRO-3 partitions parameters; ds_numel is the full size
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    total = sum(size(p) for p in model.parameters())
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+# --------------------------------------------------------------------------------------- saving
+def merged_model(model):
+    """A plain ``LlavaForConditionalGeneration`` with LoRA folded in (the model itself when no LoRA)."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def save_folder(bundle: LlavaBundle, out_dir: str | os.PathLike, state_dict: dict | None = None,
+                extra_metadata: dict | None = None) -> Path:
+    """Write an HF folder (weights as safetensors, config, processor, chat template) + ``medvlm.json``.
+
+    LoRA adapters are merged first, so the folder needs neither peft nor medvlm to load.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = merged_model(bundle.model)
+    bundle.model = model
+    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    bundle.processor.save_pretrained(out_dir)
+    metadata = {**bundle.metadata, "template": bundle.template, **(extra_metadata or {})}
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    return out_dir
+
+
+def projector_state_dict(model) -> dict[str, torch.Tensor]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    projector = base.model.multi_modal_projector
+    if hasattr(projector, "modules_to_save"):  # peft wrapper: the trained copy
+        projector = projector.modules_to_save["default"]
+    return {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
+
+
+def save_projector(model, path: str | os.PathLike) -> Path:
+    """Stage-1 output as LLaVA's ``mm_projector.bin``, in safetensors: the projector weights alone."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(projector_state_dict(model), str(path))
+    return path
+
+
+def load_projector(model, path: str | os.PathLike) -> None:
+    """LLaVA's ``pretrain_mm_mlp_adapter``: put a stage-1 projector into a model before stage 2."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROJECTOR_FILE
+    state = load_file(str(path))
+    # Accept LLaVA-style keys ("model.mm_projector.0.weight") as well as ours ("linear_1.weight").
+    renamed = {}
+    for key, value in state.items():
+        key = key.split("mm_projector.")[-1].replace("0.", "linear_1.", 1).replace("2.", "linear_2.", 1) if "mm_projector" in key else key
+        renamed[key] = value
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    projector = base.model.multi_modal_projector
+    try:
+        projector.load_state_dict(renamed)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: projector weights do not fit this model ({exc}); was it trained for the same vision tower and LM?") from exc
