@@ -210,7 +210,9 @@ def load_stage(path: str | Path | None = None, overrides: list[str] | None = Non
 def resolve_paths(config: StageConfig, base: Path) -> None:
     """Make relative data/image/output paths relative to ``base`` (the YAML file's folder)."""
     def fix(p: str | None) -> str | None:
-        return None if p is None or Path(p).is_absolute() else str((base / p).resolve())
+        if p is None or Path(p).is_absolute():
+            return p
+        return str((base / p).resolve())
 
     for source in config.data:
         source.path = fix(source.path)

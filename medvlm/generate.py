@@ -1,0 +1,91 @@
+"""Batched generation for evaluation and ``medvlm chat``.
+
+Prompts are built by the same template code as training (``conversation.encode`` with a generation
+prompt), left-padded into batches, and decoded greedily with the KV cache; each sequence stops at its
+own end-of-sequence token (``generate`` keeps finished rows padded while others continue).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .conversation import encode, prompt_messages
+from .data import preprocess_image
+from .imaging import load_image
+
+
+def prompt_ids(bundle, question: str, has_image: bool, template: str | None = None,
+               system: str | None = None) -> list[int]:
+    """Token ids of a single-turn prompt ending where the assistant's answer begins."""
+    encoded = encode(template or bundle.template, prompt_messages(question, has_image), bundle.tokenizer,
+                     bundle.image_token_id, bundle.num_image_tokens, has_image, add_generation_prompt=True,
+                     system=system)
+    return encoded.input_ids
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, longest - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, longest - len(row):] = 1
+    return ids, mask
+
+
+def _stop_ids(bundle) -> list[int]:
+    """EOS plus the template's end-of-turn token when the tokenizer has one (ChatML's ``<|im_end|>``)."""
+    tok = bundle.tokenizer
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        token_id = tok.convert_tokens_to_ids(marker)
+        if isinstance(token_id, int) and token_id != tok.unk_token_id and token_id >= 0:
+            ids.add(token_id)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate_answers(bundle, questions: Sequence[str], images: Sequence[Image.Image | str | os.PathLike | torch.Tensor | None],
+                     max_new_tokens: int = 64, batch_size: int = 16, template: str | None = None,
+                     system: str | None = None, image_aspect_ratio: str = "pad", progress: bool = False) -> list[str]:
+    """Greedy answers for ``questions`` (one image or ``None`` each), ``batch_size`` at a time."""
+    if len(questions) != len(images):
+        raise ValueError(f"{len(questions)} questions but {len(images)} images")
+    model = bundle.model
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    pad_id = bundle.tokenizer.pad_token_id
+    stop = _stop_ids(bundle)
+    answers: list[str] = []
+    starts = range(0, len(questions), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generate", unit="batch")
+    for start in starts:
+        chunk_q = questions[start:start + batch_size]
+        chunk_i = images[start:start + batch_size]
+        rows = [prompt_ids(bundle, q, img is not None, template, system) for q, img in zip(chunk_q, chunk_i)]
+        pixels = [_pixels(bundle, img, image_aspect_ratio) for img in chunk_i if img is not None]
+        ids, mask = _left_pad(rows, pad_id)
+        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if pixels:
+            kwargs["pixel_values"] = torch.stack(pixels).to(device=device, dtype=dtype)
+        out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
+        new_tokens = out[:, ids.shape[1]:]
+        answers.extend(t.strip() for t in bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers
+
+
+def _pixels(bundle, image, image_aspect_ratio: str) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image
+    if not isinstance(image, Image.Image):
+        image = load_image(image)
+    return preprocess_image(image, bundle.image_processor, image_aspect_ratio)

@@ -1,0 +1,89 @@
+"""Config validation, conversation file reading and the length-grouped sampler."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medvlm.config import ConfigError, load_stage
+from medvlm.data import DataError, LengthGroupedBatchSampler, read_records, resolve_image
+
+
+def test_unknown_key_names_the_nearest_valid_one(tmp_path):
+    path = tmp_path / "stage.yaml"
+    path.write_text("name: s\nlearning_rate: 1e-3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+        load_stage(path)
+    path.write_text("name: s\nepoch: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        load_stage(path)
+
+
+def test_nested_unknown_key_and_wrong_type_are_reported(tmp_path):
+    path = tmp_path / "stage.yaml"
+    path.write_text("lora: {rank: 8}\n")
+    with pytest.raises(ConfigError, match="'lora.rank'"):
+        load_stage(path)
+    path.write_text("batch_size: four\n")
+    with pytest.raises(ConfigError, match="'batch_size' must be an integer"):
+        load_stage(path)
+
+
+def test_yaml_scientific_notation_and_overrides(tmp_path):
+    path = tmp_path / "stage.yaml"
+    path.write_text("lr: 2e-5\ndata: [{path: conv.json, images: imgs}]\n")
+    config = load_stage(path, ["lr=1e-4", "lora.r=16", "data.0.images=other"])
+    assert config.lr == 1e-4 and config.lora.r == 16
+    assert config.data[0].path == str(tmp_path / "conv.json")  # relative to the YAML file
+    assert config.data[0].images == str(tmp_path / "other")
+
+
+def test_reads_llava_json_and_jsonl(tmp_path):
+    record = {"id": "1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                            {"from": "gpt", "value": "a"}]}
+    (tmp_path / "a.json").write_text(json.dumps([record, record]))
+    (tmp_path / "b.jsonl").write_text(json.dumps(record) + "\n\n" + json.dumps(record) + "\n")
+    assert len(read_records(tmp_path / "a.json")) == 2 and len(read_records(tmp_path / "b.jsonl")) == 2
+    (tmp_path / "c.jsonl").write_text(json.dumps(record) + "\n{broken\n")
+    with pytest.raises(DataError, match="c.jsonl:2"):
+        read_records(tmp_path / "c.jsonl")
+
+
+def test_image_paths_cannot_escape_their_folder(tmp_path):
+    with pytest.raises(DataError, match="escapes the image folder"):
+        resolve_image(tmp_path, "../../etc/passwd", "r1")
+    assert resolve_image(tmp_path, "sub/x.png", "r1") == (tmp_path / "sub" / "x.png").resolve()
+
+
+def test_sampler_is_deterministic_per_epoch_and_separates_modalities():
+    lengths = [10 + i for i in range(40)] + [-(5 + i) for i in range(20)]
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=4, seed=3)
+    first = list(sampler)
+    assert first == list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert sorted(i for b in first for i in b) == list(range(60))
+    for batch in first:
+        signs = {lengths[i] > 0 for i in batch}
+        assert len(signs) == 1
+
+
+def _padding(lengths, batches):
+    pad = total = 0
+    for batch in batches:
+        longest = max(abs(lengths[i]) for i in batch)
+        pad += sum(longest - abs(lengths[i]) for i in batch)
+        total += longest * len(batch)
+    return pad / total
+
+
+def test_length_grouping_cuts_padding_at_least_in_half():
+    import random
+
+    rng = random.Random(0)
+    # LLaVA-Med-like spread: short VQA answers to long multi-turn conversations
+    lengths = [int(rng.lognormvariate(5.0, 0.8)) + 200 for _ in range(2000)]
+    grouped = _padding(lengths, LengthGroupedBatchSampler(lengths, 16, seed=0))
+    plain = _padding(lengths, LengthGroupedBatchSampler(lengths, 16, seed=0, group_by_length=False))
+    assert grouped <= plain / 2, (grouped, plain)
