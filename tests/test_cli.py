@@ -17,7 +17,7 @@ def test_help_lists_every_command(capsys):
     except SystemExit:
         pass
     out = capsys.readouterr().out
-    for command in ("train", "chat", "demo"):
+    for command in ("train", "chat", "demo", "ingest"):
         assert command in out
 
 
