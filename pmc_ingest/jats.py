@@ -31,8 +31,8 @@ PANEL_SENTINEL = "\u241e"  # marks a bold panel letter inside flattened caption 
 # Abbreviations after which a period does not end a sentence in biomedical prose.
 _ABBREVIATIONS = ("Fig", "Figs", "Tab", "Eq", "Eqs", "Ref", "Refs", "al", "vs", "e.g", "i.e", "approx", "No",
                   "Nos", "ca", "cf", "Dr", "Suppl", "Supp", "Ext", "St", "sp", "spp")
-_SENTENCE_END = re.compile("".join(rf"(?<!\b{re.escape(a)}\.)" for a in _ABBREVIATIONS)
-                           + r"(?<=[.!?])\s+(?=[A-Z(\[])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])" + "".join(rf"(?<!\b{re.escape(a)}\.)" for a in _ABBREVIATIONS)
+                           + r"\s+(?=[A-Z(\[])")
 
 
 class JatsError(ValueError):
@@ -299,12 +299,13 @@ def _mentions(article, figures: list[Figure]) -> dict[str, list[str]]:
         if not xrefs:
             continue
         text, offsets = _text_with_offsets(paragraph, xrefs)
-        sentences = _sentences(text)
+        spans = _sentence_spans(text)
         for xref, (start, ids) in zip(xrefs, offsets):
             cited = _expand_range(xref, ids, xrefs, numbers)
-            sentence = next((s for s, (a, b) in sentences if a <= start < b), None)
-            if sentence is None:
+            span = next(((a, b) for a, b in spans if a <= start < b), None)
+            if span is None:
                 continue
+            sentence = " ".join(text[span[0]:span[1]].split())
             for fid in cited:
                 if fid in mentions and sentence not in mentions[fid]:
                     mentions[fid].append(sentence)
@@ -354,13 +355,13 @@ def _text_with_offsets(paragraph, xrefs) -> tuple[str, list[tuple[int, list[str]
     return "".join(parts), offsets
 
 
-def _sentences(text: str) -> list[tuple[str, tuple[int, int]]]:
+def _sentence_spans(text: str) -> list[tuple[int, int]]:
     spans, start = [], 0
     for match in _SENTENCE_END.finditer(text):
         spans.append((start, match.start()))
         start = match.end()
     spans.append((start, len(text)))
-    return [(re.sub(r"\s+", " ", text[a:b]).strip(), (a, b)) for a, b in spans if text[a:b].strip()]
+    return spans
 
 
 def _label_number(label: str) -> int | None:
