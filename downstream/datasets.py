@@ -1,0 +1,260 @@
+"""VQA-RAD, SLAKE and PathVQA in the layouts people have on disk → VQA records.
+
+A VQA record (DESIGN.md): ``id, image, question, answer, answer_type ∈ {closed, open}, split, dataset``
+plus the source's extra fields in ``metadata``. Answers are kept as given (normalising is the metrics'
+job). A record whose image is missing is skipped and *counted* (``LoadReport``), never dropped silently.
+
+Layouts (detected from the files under ``root``):
+
+- **VQA-RAD original**: ``VQA_RAD Dataset Public.json`` + ``VQA_RAD Image Folder/``. ``phrase_type``
+  ``test_freeform``/``test_para`` mark the test split, ``freeform``/``para`` the training split;
+  ``answer_type`` is CLOSED/OPEN as labelled by the authors.
+- **VQA-RAD / PathVQA Hugging Face parquet**: ``data/{train,validation,test}-*.parquet`` with ``image`` as
+  ``{bytes, path}``, ``question``, ``answer``. These exports have no answer type: closed = the answer is
+  yes/no. (For VQA-RAD that gives a different closed set from the original labels, which mark 272 test
+  questions closed, some with answers other than yes/no such as "supratentorial".) Images are written
+  once to ``<root>/medvlm_images/<split>/`` so training can read files.
+- **SLAKE**: ``train.json``/``validate.json``/``test.json`` + ``imgs/``; English questions only by default
+  (as LLaVA-Med reports), ``lang`` chooses.
+- **PathVQA original**: ``qas/{train,val,test}/*_qa.pkl`` (a list of ``{image, question, answer}``) and
+  ``images/{train,val,test}/NAME.jpg``. The pickles are read with an unpickler that refuses every
+  class, so a tampered file cannot run code — still, only load pickles from a data-set root you trust.
+- **LLaVA-Med's converted JSON** (``test.json``-style conversation records with ``answer_type``): pass the
+  JSON file itself as ``root``, images relative to its folder (or ``images=``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATASETS = ("vqa-rad", "slake", "pathvqa")
+SPLIT_ALIASES = {"val": "validation", "validate": "validation", "valid": "validation", "dev": "validation"}
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A data-set root without the files of any known layout; the message lists what was expected."""
+
+
+@dataclass
+class VQARecord:
+    id: str
+    image: str
+    question: str
+    answer: str
+    answer_type: str          # "closed" | "open"
+    split: str
+    dataset: str
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadReport:
+    layout: str = ""
+    loaded: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < 10:
+            self.examples.append(message)
+
+
+def is_yes_no(answer: str) -> bool:
+    return str(answer).strip().lower().rstrip(".") in ("yes", "no")
+
+
+def load_vqa(dataset: str, root: str | Path, split: str = "test", lang: str = "en",
+             images: str | Path | None = None) -> tuple[list[VQARecord], LoadReport]:
+    """Records of ``split`` from whichever layout ``root`` holds."""
+    dataset = dataset.lower().replace("_", "-")
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    split = SPLIT_ALIASES.get(split, split)
+    root = Path(root)
+    report = LoadReport()
+    if root.is_file() and root.suffix in (".json", ".jsonl"):
+        report.layout = "llava-med-json"
+        return _llava_med_json(root, Path(images) if images else root.parent, dataset, split, report), report
+    if dataset == "vqa-rad" and (root / "VQA_RAD Dataset Public.json").is_file():
+        report.layout = "vqa-rad-original"
+        return _vqa_rad_original(root, split, report), report
+    if dataset == "slake" and any((root / f"{s}.json").is_file() for s in ("train", "validate", "test")):
+        report.layout = "slake"
+        return _slake(root, split, lang, report), report
+    if dataset == "pathvqa" and (root / "qas").is_dir():
+        report.layout = "pathvqa-original"
+        return _pathvqa_original(root, split, report), report
+    if _parquet_files(root, split):
+        report.layout = "hf-parquet"
+        return _hf_parquet(root, dataset, split, report), report
+    raise DatasetLayoutError(f"{root}: no {dataset} data found. Expected one of: " + _EXPECTED[dataset])
+
+
+_EXPECTED = {
+    "vqa-rad": "'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/' (original release), or "
+               "data/{train,test}-*.parquet (Hugging Face export), or a LLaVA-Med test.json file",
+    "slake": "train.json, validate.json, test.json + imgs/ (SLAKE release), or a LLaVA-Med test.json file",
+    "pathvqa": "qas/{train,val,test}/*_qa.pkl + images/{train,val,test}/ (original split), or "
+               "data/{train,validation,test}-*.parquet (Hugging Face export), or a LLaVA-Med test.json file",
+}
+
+
+def _add(records: list, report: LoadReport, record: VQARecord) -> None:
+    if not Path(record.image).is_file():
+        report.skip("image_missing", f"{record.dataset} {record.id}: image {record.image} not found")
+        return
+    records.append(record)
+    report.loaded += 1
+
+
+def _vqa_rad_original(root: Path, split: str, report: LoadReport) -> list[VQARecord]:
+    data = json.loads((root / "VQA_RAD Dataset Public.json").read_text(encoding="utf-8"))
+    image_dir = root / "VQA_RAD Image Folder"
+    wanted = {"test": ("test_freeform", "test_para"), "train": ("freeform", "para")}.get(split)
+    if wanted is None:
+        raise ValueError(f"VQA-RAD has splits train and test, not {split!r}")
+    records: list[VQARecord] = []
+    for item in data:
+        if item.get("phrase_type") not in wanted:
+            continue
+        kind = str(item.get("answer_type", "")).strip().upper()
+        metadata = {k: item.get(k) for k in ("image_organ", "question_type", "phrase_type", "qid_linked_id")
+                    if item.get(k) is not None}
+        _add(records, report, VQARecord(
+            id=str(item["qid"]), image=str(image_dir / item["image_name"]), question=str(item["question"]),
+            answer=str(item["answer"]), answer_type="closed" if kind == "CLOSED" else "open", split=split,
+            dataset="vqa-rad", metadata=metadata))
+    return records
+
+
+def _slake(root: Path, split: str, lang: str, report: LoadReport) -> list[VQARecord]:
+    name = {"validation": "validate"}.get(split, split)
+    path = root / f"{name}.json"
+    if not path.is_file():
+        raise DatasetLayoutError(f"{path}: SLAKE split file not found (expected train.json, validate.json, test.json)")
+    records: list[VQARecord] = []
+    for item in json.loads(path.read_text(encoding="utf-8")):
+        if lang != "all" and item.get("q_lang") != lang:
+            continue
+        metadata = {k: item.get(k) for k in ("q_lang", "content_type", "modality", "location", "base_type", "img_id")
+                    if item.get(k) is not None}
+        _add(records, report, VQARecord(
+            id=str(item["qid"]), image=str(root / "imgs" / item["img_name"]), question=str(item["question"]),
+            answer=str(item["answer"]), answer_type="closed" if str(item.get("answer_type")).upper() == "CLOSED" else "open",
+            split=split, dataset="slake", metadata=metadata))
+    return records
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Lists, dicts, strings and numbers only: any class reference (the way pickles run code) is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data-set pickle")
+
+
+def _pathvqa_original(root: Path, split: str, report: LoadReport) -> list[VQARecord]:
+    name = {"validation": "val"}.get(split, split)
+    files = sorted((root / "qas" / name).glob("*_qa.pkl")) or sorted((root / "qas").glob(f"{name}*_qa.pkl"))
+    if not files:
+        raise DatasetLayoutError(f"{root / 'qas' / name}: no *_qa.pkl (expected qas/{{train,val,test}}/{name}_qa.pkl)")
+    records: list[VQARecord] = []
+    for file in files:
+        with open(file, "rb") as fh:
+            items = _DataOnlyUnpickler(fh).load()
+        for index, item in enumerate(items):
+            image = root / "images" / name / f"{item['image']}.jpg"
+            _add(records, report, VQARecord(
+                id=f"{name}_{index:06d}", image=str(image), question=str(item["question"]), answer=str(item["answer"]),
+                answer_type="closed" if is_yes_no(item["answer"]) else "open", split=split, dataset="pathvqa",
+                metadata={"image_name": item["image"]}))
+    return records
+
+
+def _parquet_files(root: Path, split: str) -> list[Path]:
+    if not root.is_dir():
+        return []
+    names = [split] + [k for k, v in SPLIT_ALIASES.items() if v == split]
+    found = []
+    for name in names:
+        found += sorted(root.glob(f"data/{name}-*.parquet")) + sorted(root.glob(f"{name}-*.parquet"))
+    return found
+
+
+def _hf_parquet(root: Path, dataset: str, split: str, report: LoadReport) -> list[VQARecord]:
+    import pyarrow.parquet as pq
+
+    out_dir = root / "medvlm_images" / split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: list[VQARecord] = []
+    index = 0
+    for file in _parquet_files(root, split):
+        table = pq.read_table(file, columns=["image", "question", "answer"])
+        for row in table.to_pylist():
+            image = row["image"] or {}
+            data = image.get("bytes")
+            if not data:
+                report.skip("image_missing", f"{file.name} row {index}: no image bytes")
+                index += 1
+                continue
+            suffix = Path(image.get("path") or "x.jpg").suffix or ".jpg"
+            target = out_dir / f"{hashlib.sha256(data).hexdigest()[:20]}{suffix}"
+            if not target.is_file():
+                tmp = target.with_name(f".{target.name}.tmp")
+                tmp.write_bytes(data)
+                tmp.replace(target)
+            _add(records, report, VQARecord(
+                id=f"{split}_{index:06d}", image=str(target), question=str(row["question"]), answer=str(row["answer"]),
+                answer_type="closed" if is_yes_no(row["answer"]) else "open", split=split, dataset=dataset,
+                metadata={"source_path": image.get("path")}))
+            index += 1
+    return records
+
+
+def _llava_med_json(path: Path, image_root: Path, dataset: str, split: str, report: LoadReport) -> list[VQARecord]:
+    from medvlm.data import read_records
+
+    records: list[VQARecord] = []
+    for item in read_records(path):
+        turns = item.get("conversations") or item.get("conversatons") or []
+        question = str(turns[0]["value"]).replace("<image>", "").strip() if turns else str(item.get("text", ""))
+        answer = str(turns[1]["value"]) if len(turns) > 1 else str(item.get("answer", ""))
+        kind = str(item.get("answer_type", "")).upper()
+        _add(records, report, VQARecord(
+            id=str(item.get("id", item.get("question_id"))), image=str(image_root / item["image"]), question=question,
+            answer=answer, answer_type="closed" if kind == "CLOSED" else "open", split=split, dataset=dataset,
+            metadata={}))
+    return records
+
+
+def to_conversations(records: list[VQARecord], image_root: str | Path) -> list[dict]:
+    """Single-turn LLaVA conversations for finetuning: ``<image>\\n{question}`` → ``{answer}``, image paths
+    relative to ``image_root`` (the trainer refuses paths that leave their image folder)."""
+    root = Path(image_root).resolve()
+    return [{"id": r.id, "image": os.path.relpath(Path(r.image).resolve(), root), "answer_type": r.answer_type.upper(),
+             "conversations": [{"from": "human", "value": f"<image>\n{r.question}"},
+                               {"from": "gpt", "value": r.answer}]} for r in records]
+
+
+def image_bytes_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def dhash(path: str | Path, size: int = 8) -> int:
+    """Difference hash (64 bits) of an image for near-duplicate detection; robust to resizing and re-encoding."""
+    from medvlm.imaging import load_image
+
+    image = load_image(path).convert("L").resize((size + 1, size))
+    pixels = list(image.getdata())
+    bits = 0
+    for row in range(size):
+        for col in range(size):
+            bits = (bits << 1) | (pixels[row * (size + 1) + col] > pixels[row * (size + 1) + col + 1])
+    return bits
+

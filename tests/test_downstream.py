@@ -1,0 +1,249 @@
+"""VQA loaders on every real layout, metric suites on hand-computed cases, scoring LLaVA-Med files,
+and a tiny model finetuned and evaluated end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from downstream.datasets import DatasetLayoutError, load_vqa, to_conversations
+from downstream.metrics import Item, evaluate_items, llava_normalize, paired_difference, summarize
+from downstream.synthetic import (VQAItem, write_hf_parquet, write_llava_med_json, write_pathvqa_original, write_slake,
+                                  write_vqa_rad_original)
+from medvlm.imaging import load_image
+from medvlm.sample_images import sample_path
+
+
+def _items() -> list[VQAItem]:
+    ct = load_image(sample_path("CT_small.dcm", "pydicom"))
+    mr = load_image(sample_path("MR_small.dcm", "pydicom"))
+    items = []
+    for split, image, name, modality in (("train", ct, "ct_a", "CT"), ("train", mr, "mr_a", "MRI"),
+                                         ("test", ct.rotate(90), "ct_b", "CT"), ("test", mr.rotate(90), "mr_b", "MRI")):
+        items += [
+            VQAItem(image, name, "Is this a CT scan?", "yes" if modality == "CT" else "no", "CLOSED", split,
+                    {"organ": "HEAD", "question_type": "MODALITY", "modality": modality}),
+            VQAItem(image, name, "What modality is shown?", modality, "OPEN", split,
+                    {"organ": "HEAD", "question_type": "MODALITY", "modality": modality}),
+            VQAItem(image, name, "Is there a fracture?", "no", "CLOSED", split, {"organ": "HEAD", "question_type": "ABN"}),
+        ]
+    return items
+
+
+def test_vqa_rad_original_layout(tmp_path):
+    write_vqa_rad_original(tmp_path, _items())
+    test, report = load_vqa("vqa-rad", tmp_path, "test")
+    assert report.layout == "vqa-rad-original" and len(test) == 6
+    assert {r.answer_type for r in test} == {"closed", "open"}
+    assert test[0].metadata["question_type"] == "MODALITY" and test[0].metadata["image_organ"] == "HEAD"
+    train, _ = load_vqa("vqa-rad", tmp_path, "train")
+    assert len(train) == 6 and all(Path(r.image).is_file() for r in train)
+
+
+def test_vqa_rad_and_pathvqa_hugging_face_parquet(tmp_path):
+    for dataset in ("vqa-rad", "pathvqa"):
+        root = write_hf_parquet(tmp_path / dataset, _items())
+        test, report = load_vqa(dataset, root, "test")
+        assert report.layout == "hf-parquet" and len(test) == 6
+        # no answer_type in the export: closed = a yes/no answer
+        assert [r.answer_type for r in test] == ["closed", "open", "closed"] * 2
+        assert all(Path(r.image).is_file() for r in test)
+
+
+def test_slake_english_by_default(tmp_path):
+    write_slake(tmp_path, _items())
+    english, report = load_vqa("slake", tmp_path, "test")
+    assert report.layout == "slake" and len(english) == 6
+    assert all(r.metadata["q_lang"] == "en" for r in english)
+    both, _ = load_vqa("slake", tmp_path, "test", lang="all")
+    assert len(both) == 12
+
+
+def test_pathvqa_original_pickles(tmp_path):
+    write_pathvqa_original(tmp_path, _items())
+    test, report = load_vqa("pathvqa", tmp_path, "test")
+    assert report.layout == "pathvqa-original" and len(test) == 6
+    assert test[1].answer == "CT" and test[1].answer_type == "open"
+
+
+def test_pathvqa_pickle_with_code_is_refused(tmp_path):
+    import os
+    import pickle
+
+    write_pathvqa_original(tmp_path, _items())
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(tmp_path / "qas" / "test" / "test_qa.pkl", "wb") as fh:
+        pickle.dump([Evil()], fh)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_vqa("pathvqa", tmp_path, "test")
+
+
+def test_llava_med_converted_json(tmp_path):
+    path = write_llava_med_json(tmp_path / "test.json", [i for i in _items() if i.split == "test"], tmp_path / "images")
+    records, report = load_vqa("vqa-rad", path, "test")
+    assert report.layout == "llava-med-json" and len(records) == 6
+    assert records[0].question == "Is this a CT scan?" and records[0].answer_type == "closed"
+
+
+def test_missing_image_is_counted_not_dropped_silently(tmp_path):
+    write_vqa_rad_original(tmp_path, _items())
+    (tmp_path / "VQA_RAD Image Folder" / "ct_b.jpg").unlink()
+    records, report = load_vqa("vqa-rad", tmp_path, "test")
+    assert len(records) == 3 and report.skipped == {"image_missing": 3}
+
+
+def test_wrong_root_lists_what_was_expected(tmp_path):
+    with pytest.raises(DatasetLayoutError, match="VQA_RAD Dataset Public.json"):
+        load_vqa("vqa-rad", tmp_path, "test")
+
+
+# ------------------------------------------------------------------------------------ metrics
+def test_llava_normalization_quirks():
+    assert llava_normalize("no, there is no nodule.") == "no there is no nodule"
+    assert llava_normalize("the answer is: yes!") == "answer is: yes"
+    assert llava_normalize("t1-weighted mri (axial)") == "t1 weighted mri axial"
+    assert llava_normalize("one") == "1" and llava_normalize("3.5 cm.") == "3.5 cm"
+    assert llava_normalize("dont know") == "don't know" and llava_normalize("a.b.c") == "abc"
+
+
+def _suite(items, suite, **kw):
+    return summarize(items, suite, **kw)
+
+
+def test_closed_suites_differ_where_llava_med_is_lenient():
+    items = [
+        Item("1", "Yes", "yes", "closed"),                    # right everywhere
+        Item("2", "No", "yes", "closed"),                     # wrong: 2023 drops it from the denominator
+        Item("3", "There is a nodule.", "no", "closed"),      # "no" inside "nodule": llava_med counts a hit
+        Item("4", "It is supratentorial.", "supratentorial", "closed"),  # closed, not yes/no: llava_med misses it
+        Item("5", "Maybe.", "yes", "closed"),                 # no yes/no at all: a miss everywhere
+    ]
+    assert _suite(items, "llava_med")["closed_accuracy"] == 40.0          # 1, 3 of 5
+    assert _suite(items, "llava_med_2023")["closed_accuracy"] == 50.0     # 1, 3 of 4 (2 dropped)
+    assert _suite(items, "llava_med_2023")["n_closed_counted"] == 4
+    assert _suite(items, "strict")["closed_accuracy"] == 40.0             # 1, 4 of 5
+    assert evaluate_items([Item("x", "yes and no", "no", "closed")], ["strict"])["suites"]["strict"]["closed_accuracy"] == 0.0
+
+
+def test_open_metrics_with_partial_overlap():
+    items = [Item("1", "left upper lobe of the lung", "left lung", "open")]
+    llava = _suite(items, "llava_med", candidates=["left lung", "right lung", "liver"])
+    # prediction words: left upper lobe of lung (5, "the" dropped); truth words: left lung
+    assert llava["open_recall"] == 100.0 and llava["open_precision"] == 40.0
+    assert llava["open_f1"] == pytest.approx(100 * 2 * 0.4 / 1.4, abs=0.01)
+    assert llava["open_exact_match"] == 40.0                # 2 truth words found ÷ 5 prediction words
+    assert llava["open_candidate_accuracy"] == 100.0        # nearest candidate: "left lung"
+    strict = _suite(items, "strict")
+    assert strict["open_exact_match"] == 0.0 and strict["open_recall"] == 100.0
+    assert strict["open_precision"] == pytest.approx(40.0)
+
+
+def test_every_metric_has_a_bootstrap_interval():
+    items = [Item(str(i), "yes" if i % 3 else "no", "yes", "closed") for i in range(60)]
+    result = _suite(items, "strict")
+    low, high = result["closed_accuracy_ci"]
+    assert low < result["closed_accuracy"] < high and 0 <= low and high <= 100
+
+
+def test_paired_difference_of_two_runs():
+    a = [Item(str(i), "no", "yes", "closed") for i in range(30)]
+    b = [Item(str(i), "yes", "yes", "closed") for i in range(30)]
+    d = paired_difference(a, b, "strict", "closed_accuracy")
+    assert d["difference"] == 100.0 and d["ci"] == [100.0, 100.0]
+
+
+def _llava_med_files(tmp_path):
+    gt = [{"id": "q1", "image": "a.jpg", "answer_type": "CLOSED",
+           "conversations": [{"from": "human", "value": "<image>\nIs there a nodule?"}, {"from": "gpt", "value": "no"}]},
+          {"id": "q2", "image": "b.jpg", "answer_type": "OPEN",
+           "conversations": [{"from": "human", "value": "<image>\nWhere?"}, {"from": "gpt", "value": "left lung"}]},
+          {"id": "q3", "image": "c.jpg", "answer_type": "CLOSED",
+           "conversations": [{"from": "human", "value": "<image>\nNormal?"}, {"from": "gpt", "value": "yes"}]}]
+    preds = [{"question_id": "q3", "prompt": "Normal?", "text": "No.", "answer_id": "x", "model_id": "m"},
+             {"question_id": "q1", "prompt": "Is there a nodule?", "text": "There is a nodule.", "answer_id": "y"},
+             {"question_id": "q2", "prompt": "Where?", "text": "The left lung.", "answer_id": "z"}]
+    (tmp_path / "test.json").write_text(json.dumps(gt))
+    (tmp_path / "answers.jsonl").write_text("\n".join(map(json.dumps, preds)) + "\n")
+    (tmp_path / "candidates.json").write_text(json.dumps({"0": ["left lung", "right lung", "yes", "no"]}))
+    return tmp_path / "answers.jsonl", tmp_path / "test.json", tmp_path / "candidates.json"
+
+
+def test_eval_score_reads_llava_med_files_order_independent(tmp_path, capsys):
+    from medvlm.cli import main
+
+    pred, gt, cand = _llava_med_files(tmp_path)
+    assert main(["eval", "score", "--pred", str(pred), "--gt", str(gt), "--candidates", str(cand), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    llava = out["suites"]["llava_med"]
+    assert llava["closed_accuracy"] == 50.0          # q1 "nodule" hit (quirk), q3 wrong
+    assert out["suites"]["llava_med_2023"]["closed_accuracy"] == 100.0   # q3 dropped
+    assert out["suites"]["strict"]["closed_accuracy"] == 0.0
+    assert llava["open_recall"] == 100.0 and llava["open_exact_match"] == 100.0
+    assert llava["open_candidate_accuracy"] == 100.0
+    assert (llava["n_closed"], llava["n_open"]) == (2, 1)
+
+
+def test_eval_score_names_a_missing_id(tmp_path):
+    from downstream.evaluate import ScoreInputError, score_files
+
+    pred, gt, _ = _llava_med_files(tmp_path)
+    pred.write_text("\n".join(pred.read_text().splitlines()[:2]) + "\n")
+    with pytest.raises(ScoreInputError, match="q2"):
+        score_files(pred, gt)
+
+
+def test_tiny_model_finetunes_and_evaluates_end_to_end(tmp_path):
+    from downstream.evaluate import evaluate_model
+    from downstream.finetune import finetune
+    from medvlm.model import build_tiny, load_checkpoint, save_folder
+
+    root = write_vqa_rad_original(tmp_path / "vqa_rad", _items())
+    save_folder(build_tiny(), tmp_path / "base")
+    result = finetune("vqa-rad", root, {"checkpoint": str(tmp_path / "base")}, tmp_path / "ft",
+                      ["epochs=2", "batch_size=3", "lr=1e-3", "log_steps=1"])
+    assert result.global_step == 4
+    conversations = json.loads((tmp_path / "ft" / "data" / "vqa-rad_train.json").read_text())
+    assert conversations[0]["conversations"][0]["value"] == "<image>\nIs this a CT scan?"
+    records, _ = load_vqa("vqa-rad", root, "test")
+    bundle = load_checkpoint(result.checkpoint)
+    out = evaluate_model(bundle, records, tmp_path / "eval", batch_size=4, max_new_tokens=4, progress=False)
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 6 and {"id", "question", "gt", "prediction", "answer_type"} <= set(answers[0])
+    assert set(out["suites"]) == {"llava_med", "llava_med_2023", "strict"}
+    assert "question_type" in out["groups"]
+    assert "| closed_accuracy |" in (tmp_path / "eval" / "report.md").read_text()
+    likelihood = evaluate_model(bundle, records, tmp_path / "eval_ll", closed_mode="likelihood", max_new_tokens=4,
+                                progress=False)
+    predicted = [json.loads(line)["prediction"] for line in (tmp_path / "eval_ll" / "answers.jsonl").read_text().splitlines()]
+    assert all(p in ("yes", "no") for p, r in zip(predicted, records) if r.answer_type == "closed")
+    assert likelihood["settings"]["closed_mode"] == "likelihood"
+
+
+def test_leakage_finds_shared_and_near_duplicate_images(tmp_path):
+    from downstream.leakage import leakage_report
+
+    items = _items()
+    write_vqa_rad_original(tmp_path, items)
+    train, _ = load_vqa("vqa-rad", tmp_path, "train")
+    test, _ = load_vqa("vqa-rad", tmp_path, "test")
+    none = leakage_report([r.image for r in train], [r.image for r in test])
+    assert none["exact_duplicates"] == 0
+    copy = tmp_path / "VQA_RAD Image Folder" / "ct_copy.png"
+    load_image(train[0].image).save(copy)          # re-encoded: a near duplicate, not a byte copy
+    report = leakage_report([r.image for r in train] + [str(copy)], [train[0].image, str(copy)])
+    assert report["exact_duplicates"] == 2 and report["near_duplicates"] == 0
+    report = leakage_report([r.image for r in train], [str(copy)])
+    assert report["near_duplicates"] == 1
+
+
+def test_to_conversations_keeps_paths_inside_the_root(tmp_path):
+    write_vqa_rad_original(tmp_path, _items())
+    records, _ = load_vqa("vqa-rad", tmp_path, "train")
+    conv = to_conversations(records, tmp_path)
+    assert conv[0]["image"] == "VQA_RAD Image Folder/ct_a.jpg"
