@@ -1,47 +1,53 @@
-"""``medvlm demo``: the embedded default, on a laptop CPU with no downloads.
-
-Renders real CT/MRI/X-ray/ultrasound DICOMs into a small image set, then runs the LLaVA recipe on the
-``tiny`` preset: stage 1 (projector only, ``plain`` template, captions) → stage 2 (projector + LM,
-``llava_v1``, question/answer turns), and asks the final model about held-out images.
+"""``medvlm demo`` / ``make demo``: build the demo data (``demo_data.py``), run ``demo.yaml`` (the whole
+LLaVA-Med chain on the tiny preset), print the before/after table. ``--ablation`` runs
+``demo_ablation.yaml`` (finetune epochs 1 vs 9, with and without stage 4) and prints the ablation table.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-from medvlm.config import DataSource, StageConfig
-from medvlm.generate import generate_answers
-from medvlm.model import load_checkpoint
-from medvlm.trainer import train_stage
+from .demo_data import build_demo_data
+from .report import write_report
+from .runner import run_curriculum
 
-from .demo_data import alignment_records, instruction_records, render_variants, write_json
+HERE = Path(__file__).parent
 
 
-def run_demo(out: str | Path) -> Path:
+def run_demo(out: str | Path, ablation: bool = False) -> dict:
     out = Path(out)
     started = time.perf_counter()
-    images_dir = out / "data" / "images"
-    images = render_variants(images_dir)
-    align = write_json(out / "data" / "alignment.json", alignment_records(images))
-    instruct = write_json(out / "data" / "instruct.json", instruction_records(images))
-    print(f"demo data: {len(images)} images from real DICOM files in {images_dir}")
+    data_dir = out / "data"
+    if not (data_dir / "READY").is_file():
+        counts = build_demo_data(data_dir)
+        (data_dir / "READY").write_text(json.dumps(counts))
+    counts = json.loads((data_dir / "READY").read_text())
+    print(f"demo data in {data_dir}: {counts}")
+    yaml = HERE / ("demo_ablation.yaml" if ablation else "demo.yaml")
+    summary = run_curriculum(yaml, out, base_dir=data_dir)
+    if ablation:
+        print(write_report(out))
+        print(f"ablation table: {out / 'ablation.md'}, chart: {out / 'ablation.png'}")
+    else:
+        print(before_after_table(summary))
+    print(f"demo finished in {time.perf_counter() - started:.0f}s; run directory {out} (summary.json, stages/*/loss.png)")
+    return summary
 
-    stage1 = StageConfig(name="align", model={"preset": "tiny"}, trainable="projector", template="plain",
-                         data=[DataSource(str(align), str(images_dir))], output_dir=str(out / "align"),
-                         epochs=3, batch_size=8, lr=1e-3, log_steps=5)
-    first = train_stage(stage1)
-    stage2 = StageConfig(name="instruct", model={"checkpoint": str(first.checkpoint)}, trainable="projector+llm",
-                         template="llava_v1", data=[DataSource(str(instruct), str(images_dir))],
-                         output_dir=str(out / "instruct"), epochs=12, batch_size=8, lr=1e-3, log_steps=10)
-    second = train_stage(stage2)
 
-    bundle = load_checkpoint(second.checkpoint)
-    held_out = [img for img in images if img.held_out][::4]
-    answers = generate_answers(bundle, ["What imaging modality was used for this image?"] * len(held_out),
-                               [images_dir / img.file for img in held_out], max_new_tokens=24)
-    print("\nheld-out images (never trained on):")
-    for img, answer in zip(held_out, answers):
-        print(f"  {img.file:<40} truth: {img.sample.modality:<11} model: {answer}")
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; final checkpoint: {second.checkpoint}")
-    return second.checkpoint
+def before_after_table(summary: dict) -> str:
+    rows = [("closed accuracy (strict)", "closed_accuracy"), ("open recall (LLaVA-Med)", "open_recall"),
+            ("open token F1 (strict)", "open_f1")]
+    lines = ["| held-out test questions | before | after |", "|---|---|---|"]
+    for label, key in rows:
+        cells = []
+        for when in ("before", "after"):
+            data = summary.get(when, {})
+            value, ci = data.get(key), data.get(f"{key}_ci")
+            cells.append("–" if value is None else (f"{value:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else f"{value:.1f}"))
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    after = summary.get("after", {})
+    lines.append(f"\n{after.get('n_closed', 0)} closed (yes/no, balanced: chance 50%) and {after.get('n_open', 0)} open "
+                 "questions on held-out views of the scans; %, 95% bootstrap intervals.")
+    return "\n".join(lines)

@@ -250,11 +250,11 @@ def dhash(path: str | Path, size: int = 8) -> int:
     """Difference hash (64 bits) of an image for near-duplicate detection; robust to resizing and re-encoding."""
     from medvlm.imaging import load_image
 
-    image = load_image(path).convert("L").resize((size + 1, size))
-    pixels = list(image.getdata())
+    import numpy as np
+
+    pixels = np.asarray(load_image(path).convert("L").resize((size + 1, size)), dtype=np.int16)
     bits = 0
-    for row in range(size):
-        for col in range(size):
-            bits = (bits << 1) | (pixels[row * (size + 1) + col] > pixels[row * (size + 1) + col + 1])
+    for brighter in (pixels[:, :-1] > pixels[:, 1:]).ravel():
+        bits = (bits << 1) | int(brighter)
     return bits
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -215,7 +216,8 @@ def bootstrap_interval(values: Sequence, resamples: int = 1000, seed: int = 0) -
         return None
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(array), size=(resamples, len(array)))
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # a resample may hold only dropped (None) questions
+        warnings.simplefilter("ignore", RuntimeWarning)
         means = np.nanmean(array[idx], axis=1)
     means = means[~np.isnan(means)]
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
@@ -272,7 +274,8 @@ def paired_difference(a: Sequence[Item], b: Sequence[Item], suite: str, metric: 
         return {"a": None, "b": None, "difference": None, "ci": None}
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(keep), size=(resamples, len(keep)))
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         diffs = np.nanmean(xb[idx], axis=1) - np.nanmean(xa[idx], axis=1)
     diffs = diffs[~np.isnan(diffs)]
     return {"a": round(100 * float(np.nanmean(xa)), 2), "b": round(100 * float(np.nanmean(xb)), 2),

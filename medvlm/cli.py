@@ -107,8 +107,34 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_eval)
 
     demo = sub.add_parser("demo", help="the embedded default: train the tiny model on real DICOM images, on CPU")
-    demo.add_argument("--out", default="demo_runs/demo", help="run directory (default: demo_runs/demo)")
+    demo.add_argument("--out", help="run directory (default: demo_runs/demo or demo_runs/ablation)")
+    demo.add_argument("--ablation", action="store_true", help="run the ablation sweep and print its table")
     demo.set_defaults(handler=_demo)
+
+    curriculum = sub.add_parser("curriculum", help="run / plan / inspect a curriculum (the LLaVA-Med chain)")
+    cur_sub = curriculum.add_subparsers(title="curriculum commands", metavar="ACTION")
+    run = cur_sub.add_parser("run", help="run every stage in order (resumable)")
+    run.add_argument("file", help="curriculum YAML (e.g. curricula/llava_med.yaml)")
+    run.add_argument("--run-dir", help="run directory (default: runs/NAME)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a curriculum key, e.g. --set stages.4.epochs=3")
+    run.add_argument("--only", metavar="STAGE", help="run only this stage (its parent must be finished)")
+    run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run from this stage on")
+    run.add_argument("--resume", action="store_true", help="continue a crashed run (finished stages are skipped)")
+    run.add_argument("--base-dir", help="folder that relative data paths are relative to (default: the YAML's folder)")
+    run.set_defaults(handler=_curriculum_run)
+    show = cur_sub.add_parser("show", help="print the plan without loading any weights")
+    show.add_argument("file")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument("--base-dir")
+    show.set_defaults(handler=_curriculum_show)
+    status = cur_sub.add_parser("status", help="each stage's state and metrics")
+    status.add_argument("run_dir")
+    status.set_defaults(handler=_curriculum_status)
+    report = cur_sub.add_parser("report", help="the ablation table (Markdown) and a bar chart PNG")
+    report.add_argument("run_dir")
+    report.add_argument("--suite", default="strict", choices=["llava_med", "llava_med_2023", "strict"])
+    report.set_defaults(handler=_curriculum_report)
     return parser
 
 
@@ -235,7 +261,43 @@ def _leakage(args) -> int:
 def _demo(args) -> int:
     from curricula.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out or ("demo_runs/ablation" if args.ablation else "demo_runs/demo"), ablation=args.ablation)
+    return 0
+
+
+def _curriculum_run(args) -> int:
+    from curricula.plan import load_curriculum
+    from curricula.runner import run_curriculum
+
+    name = load_curriculum(args.file, args.overrides).get("name", Path(args.file).stem)
+    run_dir = args.run_dir or f"runs/{name}"
+    run_curriculum(args.file, run_dir, args.overrides, only=args.only, from_stage=args.from_stage,
+                   base_dir=args.base_dir)
+    print(f"run directory: {run_dir} (manifest.json, summary.json, stages/)")
+    return 0
+
+
+def _curriculum_show(args) -> int:
+    from curricula.plan import build_plan, load_curriculum
+    from curricula.report import show_plan
+
+    data = load_curriculum(args.file, args.overrides)
+    print(show_plan(build_plan(data, args.base_dir or Path(args.file).resolve().parent, hash_inputs=False)))
+    return 0
+
+
+def _curriculum_status(args) -> int:
+    from curricula.report import show_status
+
+    print(show_status(args.run_dir))
+    return 0
+
+
+def _curriculum_report(args) -> int:
+    from curricula.report import write_report
+
+    print(write_report(args.run_dir, args.suite))
+    print(f"written: {Path(args.run_dir) / 'ablation.md'}, {Path(args.run_dir) / 'ablation.png'}")
     return 0
 
 

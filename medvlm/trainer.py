@@ -32,6 +32,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,9 +391,10 @@ class Trainer:
     def _progress(self):
         from tqdm.auto import tqdm
 
+        interactive = sys.stderr.isatty()
         return tqdm(total=self.total_steps, initial=self.state["global_step"], desc=self.config.name,
                     unit="step", disable=not self.is_main or os.environ.get("MEDVLM_NO_PROGRESS") == "1",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, mininterval=0.1 if interactive else 30.0)
 
     # ------------------------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> dict:
