@@ -12,8 +12,11 @@ from .plan import Node, Plan, resolve
 KNOWN_SIZES = {
     "openai/clip-vit-large-patch14-336": 303_507_456, "openai/clip-vit-large-patch14": 303_179_776,
     "lmsys/vicuna-7b-v1.5": 6_738_415_616, "lmsys/vicuna-13b-v1.5": 13_015_864_320,
-    "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096, "llava-hf/llava-1.5-7b-hf": 7_063_427_072,
-    "llava-hf/llava-1.5-13b-hf": 13_350_839_296,
+    "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096,
+}
+KNOWN_LLAVA = {  # released HF-format LLaVA-1.5: (vision tower, projector, language model + head)
+    "llava-hf/llava-1.5-7b-hf": (303_507_456, 20_979_712, 6_738_939_904),
+    "llava-hf/llava-1.5-13b-hf": (303_507_456, 31_477_760, 13_015_864_320),
 }
 
 
@@ -37,8 +40,9 @@ def model_parts(source: dict) -> dict[str, int] | None:
         elif kind == "checkpoint" and (Path(value) / "config.json").is_file():
             from transformers import AutoConfig
             config = AutoConfig.from_pretrained(value)
-        elif kind == "checkpoint" and value in KNOWN_SIZES:
-            return {"total": KNOWN_SIZES[value]}
+        elif kind == "checkpoint" and value in KNOWN_LLAVA:
+            vision, projector, llm = KNOWN_LLAVA[value]
+            return {"vision": vision, "projector": projector, "llm": llm, "total": vision + projector + llm}
         elif kind == "compose" and value.get("vision") in KNOWN_SIZES and value.get("llm") in KNOWN_SIZES:
             vision, llm = KNOWN_SIZES[value["vision"]], KNOWN_SIZES[value["llm"]]
             hidden = 4096 if "7b" in value["llm"].lower() else 5120

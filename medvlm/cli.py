@@ -282,7 +282,7 @@ def _curriculum_show(args) -> int:
     from curricula.report import show_plan
 
     data = load_curriculum(args.file, args.overrides)
-    print(show_plan(build_plan(data, args.base_dir or Path(args.file).resolve().parent, hash_inputs=False)))
+    print(show_plan(build_plan(data, args.base_dir or Path(args.file).resolve().parent)))
     return 0
 
 

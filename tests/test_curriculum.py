@@ -1,0 +1,175 @@
+"""The curriculum runner on the tiny preset: end to end, re-runs, sweeps sharing prefixes, staleness, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from curricula.plan import build_plan, load_curriculum
+from curricula.runner import run_curriculum
+from downstream.synthetic import VQAItem, write_vqa_rad_original
+from tests.conftest import COLOURS, make_colour_set
+
+CURRICULA = Path(__file__).resolve().parents[1] / "curricula"
+
+
+def _vqa_set(root: Path) -> Path:
+    from PIL import Image
+
+    items = []
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        for split in ("train", "test"):
+            image = Image.new("RGB", (40 + i, 40), rgb)
+            stem = f"{name}_{split}"
+            items += [VQAItem(image, stem, "Is it red?", "yes" if name == "red" else "no", "CLOSED", split),
+                      VQAItem(image, stem, "What colour is it?", name, "OPEN", split)]
+    return write_vqa_rad_original(root, items)
+
+
+def _write(tmp_path: Path, sweep: dict | None = None, **stage_overrides) -> Path:
+    data, images = make_colour_set(tmp_path / "data", n=12)
+    _vqa_set(tmp_path / "vqa")
+    common = {"batch_size": 4, "log_steps": 1, "seed": 3}
+    stages = [
+        {"name": "align", "kind": "train", "trainable": "projector", "template": "plain", "lr": 1e-3, "max_steps": 2,
+         "data": [{"path": "data/conversations.json", "images": "data/images"}]},
+        {"name": "instruct", "kind": "train", "trainable": "projector+llm", "lr": 1e-3, "max_steps": 4, "save_steps": 1,
+         "data": [{"path": "data/conversations.json", "images": "data/images"}]},
+        {"name": "finetune", "kind": "finetune", "datasets": [{"name": "vqa-rad", "root": "vqa"}], "epochs": 1,
+         "lr": 1e-3},
+        {"name": "eval", "kind": "eval", "split": "test", "baseline": True, "max_new_tokens": 4},
+    ]
+    for stage in stages:
+        stage.update(stage_overrides.get(stage["name"], {}))
+    path = tmp_path / "curriculum.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "model": {"preset": "tiny"}, "defaults": common, "stages": stages,
+                                    **({"sweep": sweep} if sweep else {})}))
+    return path
+
+
+def _folders(run: Path) -> list[str]:
+    return sorted(p.name.rsplit("-", 1)[0] for p in (run / "stages").iterdir())
+
+
+def test_runs_the_chain_end_to_end_and_a_rerun_does_nothing(tmp_path, capsys):
+    path = _write(tmp_path)
+    run = tmp_path / "run"
+    summary = run_curriculum(path, run)
+    assert set(summary["before"]) >= {"closed_accuracy", "open_recall"} and set(summary["after"]) >= {"closed_accuracy"}
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {s["status"] for s in manifest["stages"].values()} == {"done"}
+    assert manifest["packages"]["torch"] and "inputs" in next(iter(manifest["stages"].values()))
+    assert _folders(run) == ["align", "eval-vqa-rad", "finetune-vqa-rad", "instruct"]
+    for name in ("align", "instruct", "finetune-vqa-rad"):
+        folder = next((run / "stages").glob(f"{name}-*"))
+        for file in ("checkpoint/config.json", "log.jsonl", "metrics.json", "loss.png", "stage.json"):
+            assert (folder / file).is_file(), (folder, file)
+    eval_folder = next((run / "stages").glob("eval-vqa-rad-*"))
+    assert (eval_folder / "answers.jsonl").is_file() and (eval_folder / "baseline" / "metrics.json").is_file()
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime for p in (run / "stages").rglob("stage.json")}
+    run_curriculum(path, run)
+    assert capsys.readouterr().out.count("done, skipping") == 4
+    assert before == {p: p.stat().st_mtime for p in (run / "stages").rglob("stage.json")}
+
+
+def test_projector_only_stage_feeds_its_projector_to_the_next(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from medvlm.model import load_checkpoint
+
+    path = _write(tmp_path, instruct={"trainable": "lora", "max_steps": 1})
+    run = tmp_path / "run"
+    run_curriculum(path, run, only=None)
+    align = next((run / "stages").glob("align-*"))
+    projector = load_file(str(align / "checkpoint" / "mm_projector.safetensors"))
+    instruct_start = load_checkpoint(align / "checkpoint").model.model.multi_modal_projector.state_dict()
+    assert all(torch.equal(projector[k], instruct_start[k]) for k in projector)
+
+
+def test_sweep_variants_share_their_common_prefix(tmp_path):
+    path = _write(tmp_path, sweep={"finetune.epochs": [1, 2]})
+    plan = build_plan(load_curriculum(path), tmp_path)
+    assert len(plan.variants) == 2 and len(plan.nodes) == 6   # align, instruct once; finetune+eval twice
+    run = tmp_path / "run"
+    summary = run_curriculum(path, run)
+    assert _folders(run) == ["align", "eval-vqa-rad", "eval-vqa-rad", "finetune-vqa-rad", "finetune-vqa-rad", "instruct"]
+    assert set(summary["variants"]) == {"finetune.epochs=1", "finetune.epochs=2"}
+    from curricula.report import write_report
+
+    table = write_report(run)
+    assert "finetune.epochs=1" in table and (run / "ablation.png").is_file()
+
+
+def test_changing_a_stage_makes_it_and_later_stages_stale(tmp_path):
+    path = _write(tmp_path)
+    run = tmp_path / "run"
+    run_curriculum(path, run)
+    first = set((run / "stages").iterdir())
+    path = _write(tmp_path, instruct={"lr": 5e-4})
+    run_curriculum(path, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    stale = sorted(v["name"] for v in manifest["stages"].values() if v["status"] == "stale")
+    assert stale == ["eval[vqa-rad]", "finetune[vqa-rad]", "instruct"]
+    now_done = {v["name"]: name for name, v in manifest["stages"].items() if v["status"] == "done"}
+    assert run / "stages" / now_done["align"] in first          # reused, not retrained
+    assert run / "stages" / now_done["instruct"] not in first   # retrained under a new key
+
+
+def test_resume_after_a_crash_in_a_stage_gives_the_uninterrupted_metrics(tmp_path, monkeypatch):
+    from medvlm import trainer as trainer_module
+
+    path = _write(tmp_path)
+    clean = run_curriculum(path, tmp_path / "clean")
+
+    original = trainer_module.Trainer._micro_step
+    calls = {"n": 0}
+
+    def crash_in_instruct(self, batch):
+        if self.config.name == "instruct":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("simulated crash")
+        return original(self, batch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_micro_step", crash_in_instruct)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_curriculum(path, tmp_path / "crashed")
+    manifest = json.loads((tmp_path / "crashed" / "manifest.json").read_text())
+    assert {v["name"]: v["status"] for v in manifest["stages"].values()}["instruct"] == "running"
+    monkeypatch.setattr(trainer_module.Trainer, "_micro_step", original)
+    resumed = run_curriculum(path, tmp_path / "crashed")
+    instruct_log = next((tmp_path / "crashed" / "stages").glob("instruct-*")) / "log.jsonl"
+    assert '"step": 2' in instruct_log.read_text()
+    assert resumed["after"] == clean["after"] and resumed["before"] == clean["before"]
+
+
+@pytest.mark.parametrize("name", ["llava_med.yaml", "llava_med_from_llava.yaml", "llava_med_ablation.yaml", "demo.yaml",
+                                  "demo_ablation.yaml"])
+def test_show_plans_every_shipped_curriculum_without_weights(name, monkeypatch, capsys):
+    import transformers
+
+    from medvlm.cli import main
+
+    def refuse(*_, **__):
+        raise AssertionError("curriculum show must not load weights")
+
+    monkeypatch.setattr(transformers.LlavaForConditionalGeneration, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    assert main(["curriculum", "show", str(CURRICULA / name)]) == 0
+    out = capsys.readouterr().out
+    data = yaml.safe_load((CURRICULA / name).read_text())
+    for stage in data["stages"]:
+        assert stage["name"] in out
+
+
+def test_unknown_stage_key_fails_before_running(tmp_path):
+    from medvlm.config import ConfigError
+
+    path = _write(tmp_path, instruct={"epoch": 1})
+    with pytest.raises(ConfigError, match="did you mean"):
+        run_curriculum(path, tmp_path / "run")
