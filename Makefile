@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export DS_BUILD_OPS := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test clean-venv
+.PHONY: demo ablation-demo test clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/medvlm demo
+
+ablation-demo: $(VENV)/.installed
+	$(VENV)/bin/medvlm demo --ablation
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -q

@@ -106,6 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pairs", help="(leakage) a pmc_ingest pairs folder to check against the test split")
     evaluate.set_defaults(handler=_eval)
 
+    instruct = ingest_sub.add_parser("instruct", help="pairs → GPT-written instruction conversations (any OpenAI-compatible URL)")
+    instruct.add_argument("--pairs", required=True, help="the folder `medvlm ingest pmc` wrote")
+    instruct.add_argument("--out", required=True, help="output folder: instruct.json, cache.jsonl, summary.json")
+    instruct.add_argument("--model", default="gpt-4o")
+    instruct.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
+    instruct.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    instruct.add_argument("--max-concurrency", type=int, default=8)
+    instruct.add_argument("--max-retries", type=int, default=6)
+    instruct.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    instruct.add_argument("--temperature", type=float, default=0.7)
+    instruct.add_argument("--max-tokens", type=int, default=1024, help="completion tokens per request")
+    instruct.add_argument("--no-mentions", dest="with_mentions", action="store_false",
+                          help="leave the inline mentions out of the prompt (LLaVA-Med's 60K vs 60K-IM)")
+    instruct.add_argument("--budget-usd", type=float, help="never send a request that could cross this spend")
+    instruct.add_argument("--max-tokens-total", type=int, help="never send a request that could cross this many tokens")
+    instruct.add_argument("--prices", dest="prices_file", help="USD per 1M tokens per model (default: prompts/prices.json)")
+    instruct.add_argument("--modality", dest="modalities", action="append", help="only pairs with this modality tag")
+    instruct.add_argument("--limit", type=int)
+    instruct.add_argument("--sample", type=int, help="a seeded random sample of this many pairs")
+    instruct.add_argument("--seed", type=int, default=0)
+    instruct.add_argument("--system-prompt", dest="system_file", help="replace prompts/instruct_system.txt")
+    instruct.add_argument("--fewshot", dest="fewshot_file", help="replace prompts/instruct_fewshot.jsonl")
+    instruct.add_argument("--dry-run", action="store_true", help="write the prompts (prompts.jsonl) and a token estimate")
+    instruct.set_defaults(handler=_ingest_instruct)
+
     demo = sub.add_parser("demo", help="the embedded default: train the tiny model on real DICOM images, on CPU")
     demo.add_argument("--out", help="run directory (default: demo_runs/demo or demo_runs/ablation)")
     demo.add_argument("--ablation", action="store_true", help="run the ablation sweep and print its table")
@@ -255,6 +280,29 @@ def _leakage(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
         print(f"report: {args.out}")
+    return 0
+
+
+def _ingest_instruct(args) -> int:
+    import dataclasses
+
+    from pmc_ingest.instruct import InstructError, InstructOptions, dry_run, generate_instructions
+
+    fields = {f.name for f in dataclasses.fields(InstructOptions)}
+    options = InstructOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if args.dry_run:
+        out = Path(args.out) / "prompts.jsonl"
+        info = dry_run(args.pairs, out, options)
+        print(f"{info['requests']} prompts written to {out}; about {info['estimated_prompt_tokens']:,} prompt tokens, "
+              f"at most {info['max_total_tokens']:,} tokens with replies")
+        return 0
+    try:
+        summary = generate_instructions(args.pairs, args.out, options)
+    except InstructError as exc:
+        print(f"medvlm: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.text())
+    print(f"instruction data: {args.out}/instruct.json (images relative to {args.pairs}); cache: {args.out}/cache.jsonl")
     return 0
 
 

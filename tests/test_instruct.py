@@ -1,0 +1,157 @@
+"""Instruction generation against a real local HTTP server through the real ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from pmc_ingest.instruct import InstructError, InstructOptions, dry_run, generate_instructions, validate_reply
+from pmc_ingest.pairs import IngestOptions, ingest_pmc
+from pmc_ingest.synthetic import ArticleSpec, FigureSpec, write_package
+from tests.openai_server import FakeOpenAI
+
+CAPTIONS = {
+    "ok1": "Axial CT of the chest shows a spiculated nodule in the left upper lobe of the lung.",
+    "ok2": "T2-weighted MRI of the knee shows a tear of the medial meniscus.",
+    "ok3": "Chest radiograph shows a right pleural effusion.",
+    "ok4": "Ultrasound of the gallbladder shows several echogenic stones.",
+    "rl": "[[429]] Axial CT of the abdomen shows a liver lesion.",
+    "se": "[[500]] Coronal MRI of the brain shows a mass.",
+    "to": "[[timeout]] Radiograph of the wrist shows a fracture.",
+    "bad": "[[malformed]] Histology section of the colon with dysplasia.",
+    "no": "[[refusal]] Endoscopy image of the stomach with an ulcer.",
+    "q": "[[quote]] Dermoscopy of a pigmented skin lesion with an atypical network and irregular dots.",
+    "br": "[[400]] Fundus photograph with drusen in the macula.",
+}
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    figures = []
+    for k, (name, caption) in enumerate(CAPTIONS.items(), 1):
+        image = Image.new("RGB", (96, 96), (k * 20 % 255, 80, 160))
+        image.putpixel((k, k), (255, 255, 255))
+        figures.append(FigureSpec(f"F{k}", f"Figure {k}", f"<p>{caption}</p>", f"img_{name}", image))
+    body = "".join(f'<p>The findings are shown (<xref ref-type="fig" rid="F{k}">Figure {k}</xref>).</p>'
+                   for k in range(1, len(CAPTIONS) + 1))
+    write_package(ArticleSpec("PMC2000001", body_xml=body, figures=figures), tmp_path / "oa")
+    ingest_pmc([tmp_path / "oa"], tmp_path / "pairs", IngestOptions(), progress=False)
+    return tmp_path / "pairs"
+
+
+def _options(server, **kw) -> InstructOptions:
+    settings = {"model": "gpt-4o", "base_url": server.base_url, "max_concurrency": 4, "max_retries": 3, "timeout": 1.0,
+                "backoff_base": 0.01, "backoff_max": 0.2, **kw}
+    return InstructOptions(**settings)
+
+
+def test_end_to_end_retries_rejections_and_trainer_readable_output(pairs, tmp_path, monkeypatch):
+    from medvlm.data import read_records
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAI(fail_first=2) as server:
+        summary = generate_instructions(pairs, tmp_path / "out", _options(server), progress=False)
+        by_marker = {}
+        for request in server.requests:
+            user = request["messages"][-1]["content"]
+            by_marker[user] = by_marker.get(user, 0) + 1
+    assert summary.pairs == 11 and summary.sent == 10        # the 400 is not a sent reply
+    assert summary.retries == 6                               # 429, 500, timeout: two failures each
+    assert summary.failures == {"http_400": 1}
+    assert dict(summary.rejected) == {"unparseable": 1, "refusal": 1, "quotes_caption": 1}
+    assert summary.accepted == 7
+    assert max(by_marker.values()) == 3 and sum(by_marker.values()) == 17   # 400 sent once, never retried
+    assert summary.prompt_tokens > 0 and summary.completion_tokens == 400
+    assert server.requests[0]["model"] == "gpt-4o"
+    assert "Figure Context:" in server.requests[0]["messages"][-1]["content"]   # inline mentions switched on
+    records = read_records(tmp_path / "out" / "instruct.json")
+    assert len(records) == 7 and records[0]["conversations"][0]["value"].endswith("<image>")
+    assert records[0]["image"].startswith("images/PMC2000001/")
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["accepted"] == 7
+
+
+def test_the_trainer_trains_on_the_generated_data(pairs, tmp_path, monkeypatch):
+    from medvlm.trainer import Trainer
+    from tests.conftest import stage_config
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAI() as server:
+        generate_instructions(pairs, tmp_path / "out", _options(server), progress=False)
+    config = stage_config(tmp_path / "out" / "instruct.json", pairs, tmp_path / "train", max_steps=2, batch_size=2)
+    result = Trainer(config).run()
+    assert result.global_step == 2 and result.metrics["data"]["skipped"] == {}
+
+
+def test_killed_run_resends_exactly_the_missing_requests(pairs, tmp_path, monkeypatch):
+    from pmc_ingest import instruct
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAI(fail_first=0) as server:
+        opts = _options(server, max_concurrency=1)
+        original = instruct.ResponseCache.append
+        calls = {"n": 0}
+
+        def append_then_die(self, entry):
+            original(self, entry)
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt("killed")
+
+        monkeypatch.setattr(instruct.ResponseCache, "append", append_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            generate_instructions(pairs, tmp_path / "out", opts, progress=False)
+        monkeypatch.setattr(instruct.ResponseCache, "append", original)
+        first = len(server.requests)
+        summary = generate_instructions(pairs, tmp_path / "out", opts, progress=False)
+        second = len(server.requests) - first
+        assert first == 4 and summary.cached == 4 and second == 11 - 4
+        sent_again = {r["messages"][-1]["content"] for r in server.requests[first:]}
+        sent_before = {r["messages"][-1]["content"] for r in server.requests[:first]}
+        assert not sent_again & sent_before
+        third_before = len(server.requests)
+        generate_instructions(pairs, tmp_path / "again", opts, progress=False)
+    uninterrupted = json.loads((tmp_path / "again" / "instruct.json").read_text())
+    assert json.loads((tmp_path / "out" / "instruct.json").read_text()) == uninterrupted
+    assert third_before < len(server.requests)
+
+
+def test_budget_stops_sending(pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAI() as server:
+        summary = generate_instructions(pairs, tmp_path / "out", _options(server, max_concurrency=1,
+                                        max_tokens=100, max_tokens_total=3000), progress=False)
+        sent = len(server.requests)
+    assert summary.stopped_by_budget > 0 and sent < 11
+    assert summary.prompt_tokens + summary.completion_tokens <= 3000
+
+
+def test_usd_budget_needs_a_price(pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    with pytest.raises(InstructError, match="no price for model"):
+        generate_instructions(pairs, tmp_path / "o", InstructOptions(model="my-local-model", budget_usd=1.0), progress=False)
+
+
+def test_missing_api_key_is_a_clear_error(pairs, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(InstructError, match="set OPENAI_API_KEY"):
+        generate_instructions(pairs, tmp_path / "o", InstructOptions(), progress=False)
+
+
+def test_dry_run_writes_prompts_without_network(pairs, tmp_path):
+    info = dry_run(pairs, tmp_path / "prompts.jsonl", InstructOptions(with_mentions=False, limit=3))
+    lines = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    assert info["requests"] == len(lines) == 3 and info["estimated_prompt_tokens"] > 0
+    assert "Figure Context" not in lines[0]["messages"][-1]["content"]
+
+
+def test_validation_reasons():
+    caption = "Axial CT of the chest shows a spiculated nodule in the left upper lobe of the lung"
+    assert validate_reply("", caption)[1] == "empty"
+    assert validate_reply("I'm sorry, I cannot do that.", caption)[1] == "refusal"
+    assert validate_reply("User: only a question", caption)[1] == "unparseable"
+    assert validate_reply(f"User: What?\nAssistant: {caption}.", caption)[1] == "quotes_caption"
+    turns, reason = validate_reply("**User:** What is it?\n**Assistant:** A CT image.\nIt is axial.", caption)
+    assert reason is None and turns == [("human", "What is it?"), ("gpt", "A CT image.\nIt is axial.")]
