@@ -67,6 +67,8 @@ class StageConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     deepspeed: str | None = None                # zero2 | zero3 | path to a DeepSpeed JSON
     gradient_checkpointing: bool = False
+    feature_cache: bool = True                  # reuse frozen vision features (exact; medvlm/features.py)
+    feature_cache_dir: str | None = None        # also keep them on disk (large sets, later stages)
     save_steps: int = 0                         # 0: checkpoint at each epoch end only
     keep_last: int = 2
     log_steps: int = 10

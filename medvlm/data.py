@@ -114,6 +114,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.image_aspect_ratio = image_aspect_ratio
         self.system = system
         self.report = SkipReport()
+        self.feature_cache = None          # a features.FeatureCache when the trainer enables it
         self.examples: list[Example] = []
         for source in sources:
             self._add_source(source)
@@ -177,10 +178,13 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict | None:
         example = self.examples[index]
         record_id = str(example.record.get("id", index))
-        pixel_values = None
+        pixel_values, image_key = None, None
         if example.image_path is not None:
+            if self.feature_cache is not None:
+                image_key = self.feature_cache.key_for(example.image_path)
             try:
-                pixel_values = self.pixel_values(example.image_path)
+                if image_key is None or not self.feature_cache.has(image_key):
+                    pixel_values = self.pixel_values(example.image_path)
             except ImageLoadError as exc:
                 logger.warning("skipping record %s: %s", record_id, exc)
                 return {"skip": str(exc)}
@@ -188,8 +192,11 @@ class ConversationDataset(torch.utils.data.Dataset):
         input_ids, labels = encoded.input_ids, encoded.labels
         if len(input_ids) > self.max_length:
             input_ids, labels = _truncate(input_ids, labels, self.max_length, self.bundle.image_token_id)
-        return {"id": record_id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        item = {"id": record_id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": pixel_values}
+        if image_key is not None:
+            item["image_key"] = image_key  # features come from the cache, or are computed once from pixel_values
+        return item
 
     def pixel_values(self, path: Path) -> torch.Tensor:
         return preprocess_image(load_image(path), self.bundle.image_processor, self.image_aspect_ratio)
@@ -244,7 +251,10 @@ class Collator:
             attention[row, cols] = 1
         images = [i["pixel_values"] for i in items if i["pixel_values"] is not None]
         real_tokens = int(attention.sum())
-        return {
+        keyed = [i for i in items if "image_key" in i]
+        cache_fields = {"image_keys": [i["image_key"] for i in keyed],
+                        "missing": [j for j, i in enumerate(keyed) if i["pixel_values"] is not None]} if keyed else {}
+        return {**cache_fields,
             "input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention,
             "pixel_values": torch.stack(images) if images else None,
             "num_tokens": batch_ids.numel(), "num_pad_tokens": batch_ids.numel() - real_tokens,

@@ -10,6 +10,8 @@ Features, and how a stage config (``medvlm.config.StageConfig``) switches them:
   model only and trains the projector fully. ``init_projector`` loads a stage-1 projector first.
 - **Optimisation**: AdamW, ``projector_lr`` for the projector (LLaVA's ``mm_projector_lr``), linear warmup
   (``warmup_ratio``) + cosine decay, ``grad_accum``, ``max_grad_norm`` clipping, ``epochs`` or ``max_steps``.
+- **Frozen vision features** (``feature_cache``, on by default): each image's selected vision-tower features
+  are computed once and reused every later step (``features.py``); exact, skipped when the tower trains.
 - **Data**: LLaVA conversation JSON/JSONL, labels on assistant turns only, length-grouped batches
   (``group_by_length``), padding fraction logged per epoch, unusable records counted by reason and a
   ``max_skip_rate`` guard.
@@ -89,12 +91,14 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.bundle.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.bundle.model.enable_input_require_grads()
+        self.feature_cache = self._make_feature_cache()
         self.template = cfg.template or self.bundle.template
         self.bundle.template = self.template
         self.dataset = ConversationDataset(
             cfg.data, self.bundle, self.template, max_length=cfg.max_length, overlength=cfg.overlength,
             image_aspect_ratio=cfg.image_aspect_ratio, system=cfg.system, max_skip_rate=cfg.max_skip_rate,
         )
+        self.dataset.feature_cache = self.feature_cache
         self.sampler = LengthGroupedBatchSampler(self.dataset.lengths, cfg.batch_size, seed=cfg.seed,
                                                  group_by_length=cfg.group_by_length)
         loader = torch.utils.data.DataLoader(
@@ -124,6 +128,15 @@ class Trainer:
             self._check_resume(resumed)
             self.state.update({k: resumed[k] for k in self.state})
             self._log(f"resumed from {resumed['path']} at step {self.state['global_step']}")
+
+    def _make_feature_cache(self):
+        cfg = self.config
+        zero3 = self.accelerator.state.deepspeed_plugin is not None and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if not cfg.feature_cache or "vision" in parse_trainable(cfg.trainable) or zero3:
+            return None
+        from .features import FeatureCache
+
+        return FeatureCache(self.bundle.model, self.bundle.image_processor, cfg.image_aspect_ratio, cfg.feature_cache_dir)
 
     def _make_accelerator(self):
         from accelerate import Accelerator
@@ -319,8 +332,13 @@ class Trainer:
     def _micro_step(self, batch: dict) -> float:
         acc, cfg = self.accelerator, self.config
         with acc.accumulate(self.model):
-            outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 pixel_values=batch["pixel_values"], labels=batch["labels"])
+            if batch.get("image_keys"):
+                with acc.autocast():  # the same precision the model's own vision path would run in
+                    outputs = self.model(inputs_embeds=self._cached_embeds(batch), attention_mask=batch["attention_mask"],
+                                         labels=batch["labels"])
+            else:
+                outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     pixel_values=batch["pixel_values"], labels=batch["labels"])
             loss = outputs.loss
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm and cfg.max_grad_norm > 0:
@@ -329,6 +347,14 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
+
+    def _cached_embeds(self, batch: dict) -> torch.Tensor:
+        from .features import embeds_with_image_features
+
+        model = self.accelerator.unwrap_model(self.model)
+        features = self.feature_cache.features_for(model, batch["image_keys"], batch["pixel_values"], batch["missing"],
+                                                   batch["input_ids"].device)
+        return embeds_with_image_features(model, batch["input_ids"], features)
 
     # ------------------------------------------------------------------------------------ outputs
     def _save_resume(self) -> Path:
