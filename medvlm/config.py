@@ -62,7 +62,7 @@ class StageConfig:
     max_length: int = 2048
     overlength: Literal["skip", "truncate"] = "skip"
     image_aspect_ratio: Literal["pad", "resize"] = "pad"
-    group_by_length: bool = True
+    group_by_length: bool | Literal["auto"] = "auto"   # auto: group when random batches would pad ≥ 10%
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     deepspeed: str | None = None                # zero2 | zero3 | path to a DeepSpeed JSON

@@ -262,6 +262,26 @@ class Collator:
         }
 
 
+def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Padded tokens ÷ all tokens when ``batches`` are padded to their longest member."""
+    pad = total = 0
+    for batch in batches:
+        longest = max(abs(lengths[i]) for i in batch)
+        pad += sum(longest - abs(lengths[i]) for i in batch)
+        total += longest * len(batch)
+    return pad / total if total else 0.0
+
+
+def choose_grouping(setting, lengths: Sequence[int], batch_size: int, seed: int, threshold: float = 0.10) -> bool:
+    """``auto``: group by length only when random batches would waste ≥ ``threshold`` of their tokens on
+    padding; otherwise keep fully random batches (length-homogeneous batches cost some optimisation
+    quality, e.g. single-turn VQA where one question type always lands in the same batches)."""
+    if setting != "auto":
+        return bool(setting)
+    random_batches = LengthGroupedBatchSampler(lengths, batch_size, seed, group_by_length=False)._batches()
+    return padding_fraction(lengths, random_batches) >= threshold
+
+
 class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of similar length and one modality; the order depends only on (seed, epoch).
 
@@ -305,7 +325,10 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         if not indices:
             return []
         shuffled = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
-        size = self.batch_size * self.megabatch_mult
+        # As transformers' LengthGroupedSampler: small sets get small mega-batches, so batches still
+        # mix differently every epoch instead of grouping the same records forever.
+        mult = max(1, min(self.megabatch_mult, len(indices) // (4 * self.batch_size)))
+        size = self.batch_size * mult
         batches = []
         for start in range(0, len(shuffled), size):
             mega = sorted(shuffled[start:start + size], key=lambda i: -abs(self.lengths[i]))

@@ -48,6 +48,39 @@ def _stop_ids(bundle) -> list[int]:
     return sorted(ids)
 
 
+class PixelLoader:
+    """Pixel values for images by path: each distinct file is decoded once per call (VQA sets ask several
+    questions about one image), and the next batch's files are decoded on worker threads while the
+    current batch generates (pydicom, Pillow and numpy release the interpreter lock while they work)."""
+
+    def __init__(self, bundle, image_aspect_ratio: str = "pad", workers: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.bundle, self.aspect = bundle, image_aspect_ratio
+        self.pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1))
+        self.futures: dict = {}
+
+    def prefetch(self, images) -> None:
+        for image in images:
+            key = self._key(image)
+            if key is not None and key not in self.futures:
+                self.futures[key] = self.pool.submit(_pixels, self.bundle, image, self.aspect)
+
+    def get(self, image) -> torch.Tensor:
+        key = self._key(image)
+        if key is None:
+            return _pixels(self.bundle, image, self.aspect)
+        self.prefetch([image])
+        return self.futures[key].result()
+
+    @staticmethod
+    def _key(image):
+        return str(image) if isinstance(image, (str, os.PathLike)) else None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 @torch.no_grad()
 def generate_answers(bundle, questions: Sequence[str], images: Sequence[Image.Image | str | os.PathLike | torch.Tensor | None],
                      max_new_tokens: int = 64, batch_size: int = 16, template: str | None = None,
@@ -62,24 +95,29 @@ def generate_answers(bundle, questions: Sequence[str], images: Sequence[Image.Im
     pad_id = bundle.tokenizer.pad_token_id
     stop = _stop_ids(bundle)
     answers: list[str] = []
-    starts = range(0, len(questions), batch_size)
+    starts = list(range(0, len(questions), batch_size))
+    loader = PixelLoader(bundle, image_aspect_ratio)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="generate", unit="batch")
-    for start in starts:
-        chunk_q = questions[start:start + batch_size]
-        chunk_i = images[start:start + batch_size]
-        rows = [prompt_ids(bundle, q, img is not None, template, system) for q, img in zip(chunk_q, chunk_i)]
-        pixels = [_pixels(bundle, img, image_aspect_ratio) for img in chunk_i if img is not None]
-        ids, mask = _left_pad(rows, pad_id)
-        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if pixels:
-            kwargs["pixel_values"] = torch.stack(pixels).to(device=device, dtype=dtype)
-        out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
-        new_tokens = out[:, ids.shape[1]:]
-        answers.extend(t.strip() for t in bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    try:
+        for start in starts:
+            chunk_q = questions[start:start + batch_size]
+            chunk_i = images[start:start + batch_size]
+            loader.prefetch(i for i in images[start + batch_size:start + 2 * batch_size] if i is not None)
+            rows = [prompt_ids(bundle, q, img is not None, template, system) for q, img in zip(chunk_q, chunk_i)]
+            pixels = [loader.get(img) for img in chunk_i if img is not None]
+            ids, mask = _left_pad(rows, pad_id)
+            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            if pixels:
+                kwargs["pixel_values"] = torch.stack(pixels).to(device=device, dtype=dtype)
+            out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
+            new_tokens = out[:, ids.shape[1]:]
+            answers.extend(t.strip() for t in bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        loader.close()
     return answers
 
 

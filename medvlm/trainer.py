@@ -13,8 +13,8 @@ Features, and how a stage config (``medvlm.config.StageConfig``) switches them:
 - **Frozen vision features** (``feature_cache``, on by default): each image's selected vision-tower features
   are computed once and reused every later step (``features.py``); exact, skipped when the tower trains.
 - **Data**: LLaVA conversation JSON/JSONL, labels on assistant turns only, length-grouped batches
-  (``group_by_length``), padding fraction logged per epoch, unusable records counted by reason and a
-  ``max_skip_rate`` guard.
+  (``group_by_length``; ``auto`` groups when random batches would pad ≥ 10%), padding fraction logged
+  per epoch, unusable records counted by reason and a ``max_skip_rate`` guard.
 - **Checkpoints**: every ``save_steps`` optimizer steps and at each epoch end, atomically, keeping
   ``keep_last``; a new run with the same ``output_dir`` resumes from the latest complete one with the
   same data order (the batch order is a function of seed and epoch; mid-epoch batches are skipped).
@@ -43,7 +43,7 @@ import torch
 
 from .checkpoint import ResumeCheckpoints, atomic_folder
 from .config import StageConfig, to_dict
-from .data import Collator, ConversationDataset, LengthGroupedBatchSampler
+from .data import Collator, ConversationDataset, LengthGroupedBatchSampler, choose_grouping
 from .model import (PROJECTOR_FILE, LlavaBundle, apply_trainable, load_model, load_projector, parse_trainable,
                     save_folder, save_projector, trainable_summary)
 
@@ -99,8 +99,9 @@ class Trainer:
             image_aspect_ratio=cfg.image_aspect_ratio, system=cfg.system, max_skip_rate=cfg.max_skip_rate,
         )
         self.dataset.feature_cache = self.feature_cache
+        self.group_by_length = choose_grouping(cfg.group_by_length, self.dataset.lengths, cfg.batch_size, cfg.seed)
         self.sampler = LengthGroupedBatchSampler(self.dataset.lengths, cfg.batch_size, seed=cfg.seed,
-                                                 group_by_length=cfg.group_by_length)
+                                                 group_by_length=self.group_by_length)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=cfg.num_workers,
             collate_fn=Collator(self.bundle.tokenizer.pad_token_id),
@@ -245,7 +246,9 @@ class Trainer:
         counts = trainable_summary(self.model)
         self._log(f"stage {cfg.name}: {len(self.dataset)} examples, {self.total_steps} optimizer steps "
                   f"({self.num_epochs} epoch(s)), trainable {counts['trainable']:,} / {counts['total']:,} parameters, "
-                  f"{acc.num_processes} process(es), precision {acc.mixed_precision}, template {self.template}")
+                  f"{acc.num_processes} process(es), precision {acc.mixed_precision}, template {self.template}, "
+                  f"{'length-grouped' if self.group_by_length else 'random'} batches, "
+                  f"feature cache {'on' if self.feature_cache else 'off'}")
         previous = self._install_signal_handlers()
         progress = self._progress()
         window = {"loss": 0.0, "micro": 0, "samples": 0, "tokens": 0, "time": time.perf_counter()}
@@ -386,6 +389,8 @@ class Trainer:
         now = time.perf_counter()
         seconds = max(now - window["time"], 1e-9)
         loss = window["loss"] / max(1, window["micro"])
+        if self.accelerator.num_processes > 1:  # the global batch's loss, not rank 0's share of it
+            loss = float(self.accelerator.reduce(torch.tensor(loss, device=self.accelerator.device), "mean"))
         self.last_loss = loss
         record = {"step": self.state["global_step"], "epoch": epoch, "loss": round(loss, 6),
                   "lr": self.scheduler.get_last_lr()[0], "samples_per_second": round(window["samples"] / seconds, 3),

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from medvlm.config import ConfigError, load_stage
-from medvlm.data import DataError, LengthGroupedBatchSampler, read_records, resolve_image
+from medvlm.data import DataError, LengthGroupedBatchSampler, choose_grouping, read_records, resolve_image
+from medvlm.data import padding_fraction as _padding
 
 
 def test_unknown_key_names_the_nearest_valid_one(tmp_path):
@@ -69,15 +70,6 @@ def test_sampler_is_deterministic_per_epoch_and_separates_modalities():
         assert len(signs) == 1
 
 
-def _padding(lengths, batches):
-    pad = total = 0
-    for batch in batches:
-        longest = max(abs(lengths[i]) for i in batch)
-        pad += sum(longest - abs(lengths[i]) for i in batch)
-        total += longest * len(batch)
-    return pad / total
-
-
 def test_length_grouping_cuts_padding_at_least_in_half():
     import random
 
@@ -87,3 +79,11 @@ def test_length_grouping_cuts_padding_at_least_in_half():
     grouped = _padding(lengths, LengthGroupedBatchSampler(lengths, 16, seed=0))
     plain = _padding(lengths, LengthGroupedBatchSampler(lengths, 16, seed=0, group_by_length=False))
     assert grouped <= plain / 2, (grouped, plain)
+
+
+def test_auto_grouping_only_when_padding_would_matter():
+    uniform = [200 + (i % 3) for i in range(200)]           # single-turn VQA: nearly equal lengths
+    varied = [50 + (i * 37) % 900 for i in range(200)]      # conversations of very different lengths
+    assert choose_grouping("auto", uniform, 8, 0) is False
+    assert choose_grouping("auto", varied, 8, 0) is True
+    assert choose_grouping(True, uniform, 8, 0) is True

@@ -1,0 +1,98 @@
+"""VQA evaluation speed: medvlm's batched greedy generation (batch 16, left padding, KV cache, per-sequence
+stop, each distinct image decoded once and the next batch's images decoded on threads meanwhile) vs one
+question at a time as LLaVA-Med's ``model_vqa`` does it (open the image, preprocess, generate with batch
+1, for every question), same model, same questions, in one process. The answers must be identical; the
+script fails loudly if any differ.
+
+    python benchmarks/evaluate.py [--rounds 2]
+
+The model is the tiny preset finetuned for a few epochs on the benchmark's DICOM VQA-RAD set, so its
+answers are short and end with end-of-sequence as a finetuned model's do. The last line is the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import parameter_split, write_dicom_vqa_rad  # noqa: E402
+from benchmarks.flops import matmul_peak_flops  # noqa: E402
+from downstream.datasets import load_vqa  # noqa: E402
+from downstream.finetune import finetune  # noqa: E402
+from medvlm.data import preprocess_image  # noqa: E402
+from medvlm.generate import _stop_ids, generate_answers, prompt_ids  # noqa: E402
+from medvlm.imaging import load_image  # noqa: E402
+from medvlm.model import build_tiny, load_checkpoint, save_folder  # noqa: E402
+
+
+@torch.no_grad()
+def one_at_a_time(bundle, questions, images, max_new_tokens: int) -> list[str]:
+    """LLaVA-Med's ``model_vqa`` loop: for each question, open and preprocess its image, build the prompt,
+    generate with batch size 1."""
+    model = bundle.model.eval()
+    answers = []
+    stop = _stop_ids(bundle)
+    for question, image in zip(questions, images):
+        pixels = preprocess_image(load_image(image), bundle.image_processor, "pad").unsqueeze(0)
+        ids = torch.tensor([prompt_ids(bundle, question, True)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stop,
+                             pad_token_id=bundle.tokenizer.pad_token_id, use_cache=True)
+        answers.append(bundle.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args()
+    peak = matmul_peak_flops(torch.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = write_dicom_vqa_rad(tmp / "vqa_rad")
+        save_folder(build_tiny(), tmp / "base")
+        result = finetune("vqa-rad", root, {"checkpoint": str(tmp / "base")}, tmp / "ft",
+                          ["epochs=4", "lr=5e-4", "batch_size=8", "log_steps=50"])
+        bundle = load_checkpoint(result.checkpoint)
+        records = load_vqa("vqa-rad", root, "test")[0] + load_vqa("vqa-rad", root, "train")[0]
+        questions, images = [r.question for r in records], [r.image for r in records]
+        vision, projector, lm = parameter_split(bundle.model)
+        prompt_tokens = sum(len(prompt_ids(bundle, q, True)) for q in questions)
+        timings = {"one at a time": [], "batched (16)": []}
+        answers = {}
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            answers["one at a time"] = one_at_a_time(bundle, questions, images, args.max_new_tokens)
+            timings["one at a time"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            answers["batched (16)"] = generate_answers(bundle, questions, images, max_new_tokens=args.max_new_tokens,
+                                                       batch_size=16)
+            timings["batched (16)"].append(time.perf_counter() - start)
+        generated = sum(len(bundle.tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers["batched (16)"])
+        flops = 2 * vision * (bundle.num_image_tokens + 1) * len(questions) + 2 * (projector + lm) * (prompt_tokens + generated)
+        print(f"{len(questions)} questions on real DICOM images, greedy, max {args.max_new_tokens} new tokens")
+        rates = {}
+        for name, values in timings.items():
+            seconds = statistics.median(values)
+            rates[name] = len(questions) / seconds
+            print(f"{name:<14}: {rates[name]:7.2f} questions/s, MFU {100 * flops / seconds / peak:.2f}% "
+                  f"(peak {peak / 1e9:.0f} GFLOP/s measured)")
+        differing = [i for i, (a, b) in enumerate(zip(answers["one at a time"], answers["batched (16)"])) if a != b]
+        if differing:
+            raise SystemExit(f"answers differ for {len(differing)} questions, e.g. #{differing[0]}: "
+                             f"{answers['one at a time'][differing[0]]!r} vs {answers['batched (16)'][differing[0]]!r}")
+        print(f"identical answers: {len(questions)}/{len(questions)}")
+        print(f"evaluation speed ratio batched/one-at-a-time: {rates['batched (16)'] / rates['one at a time']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
