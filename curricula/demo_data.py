@@ -38,7 +38,7 @@ class DemoImage:
     held_out: bool
 
 
-def render_variants(variants_per_image: int = 9, size: int = 224, seed: int = 0, held_out_every: int = 3) -> list[DemoImage]:
+def render_variants(variants_per_image: int = 18, size: int = 224, seed: int = 0, held_out_every: int = 3) -> list[DemoImage]:
     """Views of every real sample scan; every ``held_out_every``-th view is kept for testing only."""
     rng = random.Random(seed)
     images = []
