@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import ResumeCheckpoints, atomic_folder
-from .config import StageConfig, to_dict
+from .config import ConfigError, StageConfig, to_dict
 from .data import Collator, ConversationDataset, LengthGroupedBatchSampler, choose_grouping
 from .model import (PROJECTOR_FILE, LlavaBundle, apply_trainable, load_model, load_projector, parse_trainable,
                     save_folder, save_projector, trainable_summary)
@@ -83,6 +83,8 @@ class Trainer:
         self.accelerator = self._make_accelerator()
         self.is_main = self.accelerator.is_main_process
         self.rank = self.accelerator.process_index
+        if cfg.tensorboard:
+            self.accelerator.init_trackers(cfg.name)
         if self.bundle is None:
             self.bundle = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
         if cfg.init_projector:
@@ -149,13 +151,22 @@ class Trainer:
             precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
         plugin = None
+        kwargs = {}
+        _check_deepspeed_consistency(bool(cfg.deepspeed))
         if cfg.deepspeed:
+            from accelerate.utils import InitProcessGroupKwargs
+
             _ensure_distributed_env()
+            # what `accelerate launch` would set; makes torchrun/deepspeed launches start DeepSpeed's comm
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
             plugin = DeepSpeedPlugin(hf_ds_config=self._deepspeed_config(mixed),
                                      gradient_accumulation_steps=cfg.grad_accum)
-        kwargs = {}
+            if not torch.cuda.is_available():
+                kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         if cfg.tensorboard:
-            kwargs = {"log_with": "tensorboard", "project_dir": str(self.output_dir)}
+            kwargs.update(log_with="tensorboard", project_dir=str(self.output_dir))
+        if plugin is None and not torch.cuda.is_available():
+            kwargs["cpu"] = True  # under torchrun/accelerate launch without GPUs: gloo across CPU processes
         return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
                            deepspeed_plugin=plugin, **kwargs)
 
@@ -326,7 +337,8 @@ class Trainer:
         if self.is_main:
             self._write_json("metrics.json", metrics)
         self._log(f"stage {cfg.name}: done, final loss {self.last_loss:.4f}; checkpoint at {checkpoint}")
-        acc.end_training()
+        for tracker in acc.trackers:  # not end_training(): the process group must outlive this stage
+            tracker.finish()
         _reset_accelerate_state()
         return TrainResult(self.output_dir, checkpoint, self.state["global_step"], metrics)
 
@@ -451,12 +463,24 @@ class Trainer:
 
 
 def _reset_accelerate_state() -> None:
-    """Let the next stage in this process build its own Accelerator (precision, accumulation may differ)."""
+    """Let the next stage in this process build its own Accelerator (precision, accumulation and the
+    DeepSpeed config may differ); the process group itself stays up."""
     from accelerate.state import AcceleratorState, GradientState
 
-    if not AcceleratorState._shared_state.get("deepspeed_plugin"):
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def _check_deepspeed_consistency(wants_deepspeed: bool) -> None:
+    """One process cannot switch between DeepSpeed and plain data parallel once its process group exists."""
+    from accelerate.state import DistributedType, PartialState
+
+    if not PartialState._shared_state or not PartialState().initialized:
+        return
+    started_with_deepspeed = PartialState().distributed_type == DistributedType.DEEPSPEED
+    if started_with_deepspeed and not wants_deepspeed:
+        raise ConfigError("this process started DeepSpeed for an earlier stage; give every stage a deepspeed config "
+                          "(zero2/zero3 may differ), or run the stages in separate processes (curriculum run --only)")
 
 
 def _ensure_distributed_env() -> None:
