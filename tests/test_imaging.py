@@ -116,3 +116,12 @@ def test_pad_to_square_centres_with_the_fill_colour():
     square = pad_to_square(image, (1, 2, 3))
     assert square.size == (40, 40)
     assert square.getpixel((0, 0)) == (1, 2, 3) and square.getpixel((20, 20)) == (255, 255, 255)
+
+
+def test_truncated_jpeg_fails_naming_the_file(tmp_path):
+    full = tmp_path / "full.jpg"
+    Image.effect_noise((256, 256), 64).convert("RGB").save(full, quality=95)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
+    with pytest.raises(ImageLoadError, match="cut.jpg"):
+        load_image(cut)
