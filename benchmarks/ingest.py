@@ -26,7 +26,7 @@ from benchmarks.flops import matmul_peak_flops  # noqa: E402
 from pmc_ingest.jats import parse_article  # noqa: E402
 from pmc_ingest.packages import read_package  # noqa: E402
 from pmc_ingest.pairs import IngestOptions, ingest_pmc  # noqa: E402
-from pmc_ingest.synthetic import ArticleSpec, FigGroupSpec, FigureSpec, article_xml, write_package  # noqa: E402
+from pmc_ingest.synthetic import ArticleSpec, FigGroupSpec, FigureSpec, write_package  # noqa: E402
 
 SENTENCES = ["Axial contrast-enhanced CT shows a hypodense lesion in the liver.",
              "The patient was followed for six months without recurrence.",

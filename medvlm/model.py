@@ -230,7 +230,7 @@ def compose(
     ``llm`` may be a folder, a hub-style folder plus ``gguf_file``, or a path ending in ``.gguf``.
     """
     from accelerate import init_empty_weights
-    from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer,
+    from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer,
                               CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration)
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 

@@ -87,6 +87,9 @@ class Trainer:
             self.accelerator.init_trackers(cfg.name)
         if self.bundle is None:
             self.bundle = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        if "lora" in parse_trainable(cfg.trainable) and self._zero3():
+            raise ConfigError("trainable: lora with deepspeed: zero3 is not supported (the adapters cannot be merged "
+                              "into partitioned weights at export); use deepspeed: zero2 for LoRA stages")
         if cfg.init_projector:
             load_projector(self.bundle.model, cfg.init_projector)
         apply_trainable(self.bundle, cfg.trainable, to_dict(cfg.lora))
@@ -132,10 +135,13 @@ class Trainer:
             self.state.update({k: resumed[k] for k in self.state})
             self._log(f"resumed from {resumed['path']} at step {self.state['global_step']}")
 
+    def _zero3(self) -> bool:
+        plugin = self.accelerator.state.deepspeed_plugin
+        return plugin is not None and plugin.zero_stage == 3
+
     def _make_feature_cache(self):
         cfg = self.config
-        zero3 = self.accelerator.state.deepspeed_plugin is not None and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if not cfg.feature_cache or "vision" in parse_trainable(cfg.trainable) or zero3:
+        if not cfg.feature_cache or "vision" in parse_trainable(cfg.trainable) or self._zero3():
             return None
         from .features import FeatureCache
 
@@ -380,8 +386,7 @@ class Trainer:
 
     def _export(self) -> Path:
         acc, cfg = self.accelerator, self.config
-        zero3 = acc.state.deepspeed_plugin is not None and acc.state.deepspeed_plugin.zero_stage == 3
-        state_dict = acc.get_state_dict(self.model) if zero3 else None
+        state_dict = acc.get_state_dict(self.model) if self._zero3() else None
         unwrapped = acc.unwrap_model(self.model)
         self.bundle.model = unwrapped
         parts = parse_trainable(cfg.trainable)
