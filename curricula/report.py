@@ -182,11 +182,11 @@ def ablation_chart(rows: list[dict], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['variant']}\n{r['dataset']}" for r in rows]
+    labels = [r["variant"].replace(", ", "\n") + f"\n{r['dataset']}" for r in rows]
     values = [r["closed"] or 0.0 for r in rows]
     errors = [[max(0.0, v - (r["closed_ci"] or [v, v])[0]) for v, r in zip(values, rows)],
               [max(0.0, (r["closed_ci"] or [v, v])[1] - v) for v, r in zip(values, rows)]]
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(5, 2.2 * len(rows)), 4.5))
     ax.bar(range(len(rows)), values, yerr=errors, capsize=4)
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set(ylabel="closed accuracy (%)", ylim=(0, 100), title="ablation")
