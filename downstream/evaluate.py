@@ -34,8 +34,12 @@ def _groups(record: VQARecord) -> dict:
 
 def evaluate_model(bundle, records: Sequence[VQARecord], out_dir: str | Path, suites: Sequence[str] = SUITES,
                    batch_size: int = 16, max_new_tokens: int = 32, closed_mode: str = "generate",
-                   option_suffix: bool = False, candidates: Sequence[str] | None = None, progress: bool = True) -> dict:
-    """Answer every record, score it, and write answers.jsonl / metrics.json / report.md to ``out_dir``."""
+                   option_suffix: bool = False, candidates: Sequence[str] | None = None, progress: bool = True,
+                   feature_cache_dir: str | Path | None = None) -> dict:
+    """Answer every record, score it, and write answers.jsonl / metrics.json / report.md to ``out_dir``.
+
+    ``feature_cache_dir`` keeps vision features on disk, keyed by image, tower weights and preprocessing,
+    so repeated evaluations (other checkpoints with the same frozen tower) skip image decoding."""
     from medvlm.generate import generate_answers
 
     if closed_mode not in ("generate", "likelihood"):
@@ -50,8 +54,13 @@ def evaluate_model(bundle, records: Sequence[VQARecord], out_dir: str | Path, su
                                     batch_size=batch_size)
         predictions.update({r.id: c for r, c in zip(closed, choices)})
     questions = [r.question + (OPTION_SUFFIX if option_suffix and r.answer_type == "closed" else "") for r in to_generate]
+    feature_cache = None
+    if feature_cache_dir is not None:
+        from medvlm.features import FeatureCache
+
+        feature_cache = FeatureCache(bundle.model, bundle.image_processor, "pad", feature_cache_dir)
     answers = generate_answers(bundle, questions, [r.image for r in to_generate], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, progress=progress)
+                               batch_size=batch_size, progress=progress, feature_cache=feature_cache)
     predictions.update({r.id: a for r, a in zip(to_generate, answers)})
     rows = [{"id": r.id, "question": r.question, "gt": r.answer, "prediction": predictions[r.id],
              "answer_type": r.answer_type, "image": r.image, **_groups(r)} for r in records]

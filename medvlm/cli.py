@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=32)
     evaluate.add_argument("--closed-mode", choices=["generate", "likelihood"], default="generate")
     evaluate.add_argument("--option-suffix", action="store_true", help="add LLaVA-Med's yes/no option suffix to closed questions")
+    evaluate.add_argument("--feature-cache", help="folder to keep vision features in across evaluations")
     evaluate.add_argument("--candidates", help="LLaVA-Med candidate file {\"0\": [...]} for open accuracy")
     evaluate.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two eval outputs")
     evaluate.add_argument("--pred", help="(score) predictions: LLaVA-Med answer file or medvlm answers.jsonl")
@@ -249,7 +250,8 @@ def _eval(args) -> int:
     out = args.out or f"runs/eval-{args.dataset}-{args.split}"
     result = ev.evaluate_model(load_checkpoint(args.model), records, out, suites, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, closed_mode=args.closed_mode,
-                               option_suffix=args.option_suffix, candidates=candidates)
+                               option_suffix=args.option_suffix, candidates=candidates,
+                               feature_cache_dir=args.feature_cache)
     print(format_table(result, suites))
     if report.skipped:
         print(f"skipped: {dict(report.skipped)}")

@@ -2,7 +2,9 @@
 
 Prompts are built by the same template code as training (``conversation.encode`` with a generation
 prompt), left-padded into batches, and decoded greedily with the KV cache; each sequence stops at its
-own end-of-sequence token (``generate`` keeps finished rows padded while others continue).
+own end-of-sequence token (``generate`` keeps finished rows padded while others continue). Each distinct
+image is decoded once and goes through the vision tower once per call (``features.select_features``),
+however many questions ask about it; the projected features enter ``generate`` as ``inputs_embeds``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from PIL import Image
 
 from .conversation import encode, prompt_messages
 from .data import preprocess_image
+from .features import embeds_with_image_features, select_features
 from .imaging import load_image
 
 
@@ -84,8 +87,13 @@ class PixelLoader:
 @torch.no_grad()
 def generate_answers(bundle, questions: Sequence[str], images: Sequence[Image.Image | str | os.PathLike | torch.Tensor | None],
                      max_new_tokens: int = 64, batch_size: int = 16, template: str | None = None,
-                     system: str | None = None, image_aspect_ratio: str = "pad", progress: bool = False) -> list[str]:
-    """Greedy answers for ``questions`` (one image or ``None`` each), ``batch_size`` at a time."""
+                     system: str | None = None, image_aspect_ratio: str = "pad", progress: bool = False,
+                     feature_cache=None) -> list[str]:
+    """Greedy answers for ``questions`` (one image or ``None`` each), ``batch_size`` at a time.
+
+    ``feature_cache`` (a ``features.FeatureCache``, e.g. on disk) keeps vision features across calls:
+    evaluating again — another checkpoint of the same curriculum, whose vision tower is frozen and so
+    identical — then decodes no image at all."""
     if len(questions) != len(images):
         raise ValueError(f"{len(questions)} questions but {len(images)} images")
     model = bundle.model
@@ -97,6 +105,7 @@ def generate_answers(bundle, questions: Sequence[str], images: Sequence[Image.Im
     answers: list[str] = []
     starts = list(range(0, len(questions), batch_size))
     loader = PixelLoader(bundle, image_aspect_ratio)
+    features_by_image: dict = {}
     if progress:
         from tqdm.auto import tqdm
 
@@ -107,18 +116,40 @@ def generate_answers(bundle, questions: Sequence[str], images: Sequence[Image.Im
             chunk_i = images[start:start + batch_size]
             loader.prefetch(i for i in images[start + batch_size:start + 2 * batch_size] if i is not None)
             rows = [prompt_ids(bundle, q, img is not None, template, system) for q, img in zip(chunk_q, chunk_i)]
-            pixels = [loader.get(img) for img in chunk_i if img is not None]
             ids, mask = _left_pad(rows, pad_id)
-            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-            if pixels:
-                kwargs["pixel_values"] = torch.stack(pixels).to(device=device, dtype=dtype)
-            out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
-            new_tokens = out[:, ids.shape[1]:]
+            ids, mask = ids.to(device), mask.to(device)
+            with_image = [img for img in chunk_i if img is not None]
+            if with_image:
+                # the vision tower runs once per distinct image, however many questions ask about it
+                features = torch.stack([_features(bundle, features_by_image, loader, img, device, dtype, feature_cache)
+                                        for img in with_image])
+                kwargs = {"inputs_embeds": embeds_with_image_features(model, ids, features)}
+            else:
+                kwargs = {"input_ids": ids}
+            out = model.generate(**kwargs, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 num_beams=1, eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
+            new_tokens = out[:, ids.shape[1]:] if "input_ids" in kwargs else out
             answers.extend(t.strip() for t in bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
         loader.close()
     return answers
+
+
+def _features(bundle, cache: dict, loader: PixelLoader, image, device, dtype, feature_cache=None) -> torch.Tensor:
+    key = PixelLoader._key(image)
+    if key is not None and key in cache:
+        return cache[key]
+    stored_key = feature_cache.key_for(image) if feature_cache is not None and key is not None else None
+    features = feature_cache.get(stored_key) if stored_key is not None else None
+    if features is None:
+        pixels = loader.get(image).unsqueeze(0).to(device=device, dtype=dtype)
+        features = select_features(bundle.model, pixels)[0]
+        if stored_key is not None:
+            feature_cache.put(stored_key, features)
+    features = features.to(device=device, dtype=dtype)
+    if key is not None:
+        cache[key] = features
+    return features
 
 
 def _pixels(bundle, image, image_aspect_ratio: str) -> torch.Tensor:
