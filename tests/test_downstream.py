@@ -247,3 +247,22 @@ def test_to_conversations_keeps_paths_inside_the_root(tmp_path):
     records, _ = load_vqa("vqa-rad", tmp_path, "train")
     conv = to_conversations(records, tmp_path)
     assert conv[0]["image"] == "VQA_RAD Image Folder/ct_a.jpg"
+
+
+def test_repeated_evaluation_reads_cached_features_and_answers_the_same(tmp_path):
+    from medvlm.features import FeatureCache
+    from medvlm.generate import generate_answers
+    from medvlm.model import build_tiny
+
+    write_vqa_rad_original(tmp_path / "vqa", _items())
+    records, _ = load_vqa("vqa-rad", tmp_path / "vqa", "test")
+    bundle = build_tiny()
+    questions, images = [r.question for r in records], [r.image for r in records]
+    plain = generate_answers(bundle, questions, images, max_new_tokens=5, batch_size=4)
+    first = FeatureCache(bundle.model, bundle.image_processor, folder=tmp_path / "features")
+    assert generate_answers(bundle, questions, images, max_new_tokens=5, batch_size=4, feature_cache=first) == plain
+    assert len(list((tmp_path / "features").rglob("*.safetensors"))) == 2   # two distinct test images
+    again = FeatureCache(bundle.model, bundle.image_processor, folder=tmp_path / "features")
+    assert generate_answers(bundle, questions, images, max_new_tokens=5, batch_size=4, feature_cache=again) == plain
+    single = [generate_answers(bundle, [q], [i], max_new_tokens=5, batch_size=1)[0] for q, i in zip(questions, images)]
+    assert single == plain   # batching (left padding) changes no answer
