@@ -173,3 +173,20 @@ def test_a_skip_rate_above_the_limit_stops_before_training(tmp_path, colour_set)
     data.write_text(json.dumps(records))
     with pytest.raises(DataError, match="max_skip_rate"):
         Trainer(stage_config(data, images, tmp_path / "out", max_skip_rate=0.1)).run()
+
+
+def test_stage1_projector_loads_into_a_fresh_model_from_our_and_llava_key_names(tmp_path):
+    from safetensors.torch import save_file
+
+    from medvlm.model import build_tiny, load_projector, projector_state_dict, save_projector
+
+    trained = build_tiny(seed=3)
+    save_projector(trained.model, tmp_path / "ours" / "mm_projector.safetensors")
+    llava_names = {f"model.mm_projector.{0 if k.startswith('linear_1') else 2}.{k.split('.', 1)[1]}": v
+                   for k, v in projector_state_dict(trained.model).items()}
+    save_file(llava_names, str(tmp_path / "llava.safetensors"))
+    for source in (tmp_path / "ours", tmp_path / "llava.safetensors"):
+        fresh = build_tiny(seed=4)
+        load_projector(fresh.model, source)
+        for key, value in projector_state_dict(trained.model).items():
+            assert torch.equal(projector_state_dict(fresh.model)[key], value), (source, key)
