@@ -36,7 +36,7 @@ from medvlm.config import ConfigError, StageConfig, apply_overrides, from_dict, 
 STAGE_KINDS = ("train", "finetune", "eval")
 CURRICULUM_KEYS = {"name", "model", "defaults", "stages", "sweep", "world_size"}
 EVAL_KEYS = {"name", "kind", "split", "datasets", "baseline", "closed_mode", "option_suffix", "batch_size",
-             "max_new_tokens", "suites"}
+             "max_new_tokens", "suites", "feature_cache"}
 FINETUNE_ONLY_KEYS = {"datasets", "lang"}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(StageConfig)} - {"model", "output_dir", "init_projector"}
 

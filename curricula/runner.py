@@ -4,6 +4,7 @@ Run directory::
 
     manifest.json        resolved config, input hashes, package versions, git revision, per-stage status/timings
     summary.json         every eval stage's metrics by variant and data set (+ "before"/"after" for baselines)
+    features/            vision features shared by every eval (the tower is frozen: keyed by its weights)
     stages/NAME-KEY/     one folder per distinct stage: checkpoint/, log.jsonl, metrics.json, loss.png, stage.json
 
 A stage is done when its ``stage.json`` says so; re-running a finished run does nothing. After a crash,
@@ -162,7 +163,8 @@ class CurriculumRunner:
                                 batch_size=node.settings.get("batch_size", 16),
                                 max_new_tokens=node.settings.get("max_new_tokens", 32),
                                 closed_mode=node.settings.get("closed_mode", "generate"),
-                                option_suffix=node.settings.get("option_suffix", False), progress=False)
+                                option_suffix=node.settings.get("option_suffix", False), progress=False,
+                                feature_cache_dir=self.run_dir / "features" if node.settings.get("feature_cache", True) else None)
         result["skipped"] = dict(report.skipped)
         return result
 
