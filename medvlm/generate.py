@@ -1,10 +1,11 @@
 """Batched generation for evaluation and ``medvlm chat``.
 
 Prompts are built by the same template code as training (``conversation.encode`` with a generation
-prompt), left-padded into batches, and decoded greedily with the KV cache; each sequence stops at its
-own end-of-sequence token (``generate`` keeps finished rows padded while others continue). Each distinct
+prompt) and decoded greedily with the KV cache, a batch at a time; each sequence stops at its own
+end-of-sequence token (``generate`` keeps finished rows padded while others continue). Each distinct
 image is decoded once and goes through the vision tower once per call (``features.select_features``),
-however many questions ask about it; the projected features enter ``generate`` as ``inputs_embeds``.
+however many questions ask about it, and questions about one image share one prefill of the prompt up
+to the image (``shared_prefix_length``); the projected features enter the language model as embeddings.
 """
 
 from __future__ import annotations
@@ -88,68 +89,168 @@ class PixelLoader:
 def generate_answers(bundle, questions: Sequence[str], images: Sequence[Image.Image | str | os.PathLike | torch.Tensor | None],
                      max_new_tokens: int = 64, batch_size: int = 16, template: str | None = None,
                      system: str | None = None, image_aspect_ratio: str = "pad", progress: bool = False,
-                     feature_cache=None) -> list[str]:
-    """Greedy answers for ``questions`` (one image or ``None`` each), ``batch_size`` at a time.
+                     feature_cache=None, share_prefix: bool = True) -> list[str]:
+    """Greedy answers for ``questions`` (one image or ``None`` each), ``batch_size`` at a time, in order.
+
+    Questions about the same image go into the same batch. With ``share_prefix`` (exact, on by default),
+    when every prompt of a batch starts with the same tokens up to and including its image tokens (the
+    system prompt and the image, as in LLaVA's templates), that prefix runs through the language model
+    once per distinct image and every question about the image reuses its key/value cache: only the
+    question tokens are prefilled per question.
 
     ``feature_cache`` (a ``features.FeatureCache``, e.g. on disk) keeps vision features across calls:
     evaluating again — another checkpoint of the same curriculum, whose vision tower is frozen and so
     identical — then decodes no image at all."""
     if len(questions) != len(images):
         raise ValueError(f"{len(questions)} questions but {len(images)} images")
-    model = bundle.model
-    model.eval()
-    device = next(model.parameters()).device
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    pad_id = bundle.tokenizer.pad_token_id
-    stop = _stop_ids(bundle)
-    answers: list[str] = []
-    starts = list(range(0, len(questions), batch_size))
-    loader = PixelLoader(bundle, image_aspect_ratio)
-    features_by_image: dict = {}
+    bundle.model.eval()
+    run = _Generation(bundle, image_aspect_ratio, feature_cache, max_new_tokens, share_prefix)
+    order = _grouped_by_image(images)
+    answers: list[str] = [""] * len(questions)
+    starts = range(0, len(order), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="generate", unit="batch")
     try:
         for start in starts:
-            chunk_q = questions[start:start + batch_size]
-            chunk_i = images[start:start + batch_size]
-            loader.prefetch(i for i in images[start + batch_size:start + 2 * batch_size] if i is not None)
-            rows = [prompt_ids(bundle, q, img is not None, template, system) for q, img in zip(chunk_q, chunk_i)]
-            ids, mask = _left_pad(rows, pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            with_image = [img for img in chunk_i if img is not None]
-            if with_image:
-                # the vision tower runs once per distinct image, however many questions ask about it
-                features = torch.stack([_features(bundle, features_by_image, loader, img, device, dtype, feature_cache)
-                                        for img in with_image])
-                kwargs = {"inputs_embeds": embeds_with_image_features(model, ids, features)}
-            else:
-                kwargs = {"input_ids": ids}
-            out = model.generate(**kwargs, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 num_beams=1, eos_token_id=stop, pad_token_id=pad_id, use_cache=True)
-            new_tokens = out[:, ids.shape[1]:] if "input_ids" in kwargs else out
-            answers.extend(t.strip() for t in bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            batch = order[start:start + batch_size]
+            run.prefetch([images[i] for i in order[start:start + 2 * batch_size]])   # this batch's and the next's
+            rows = [prompt_ids(bundle, questions[i], images[i] is not None, template, system) for i in batch]
+            for i, answer in zip(batch, run.answers(rows, [images[i] for i in batch])):
+                answers[i] = answer
     finally:
-        loader.close()
+        run.loader.close()
     return answers
 
 
-def _features(bundle, cache: dict, loader: PixelLoader, image, device, dtype, feature_cache=None) -> torch.Tensor:
-    key = PixelLoader._key(image)
-    if key is not None and key in cache:
-        return cache[key]
-    stored_key = feature_cache.key_for(image) if feature_cache is not None and key is not None else None
-    features = feature_cache.get(stored_key) if stored_key is not None else None
-    if features is None:
-        pixels = loader.get(image).unsqueeze(0).to(device=device, dtype=dtype)
-        features = select_features(bundle.model, pixels)[0]
-        if stored_key is not None:
-            feature_cache.put(stored_key, features)
-    features = features.to(device=device, dtype=dtype)
-    if key is not None:
-        cache[key] = features
-    return features
+def _image_key(image):
+    """Identity of an image within one call: its path, or the object itself (alive for the call)."""
+    return str(image) if isinstance(image, (str, os.PathLike)) else ("object", id(image))
+
+
+def _grouped_by_image(images) -> list[int]:
+    """Question indices with the questions about one image next to each other (first-seen image order);
+    text-only questions last."""
+    first_seen: dict = {}
+    for index, image in enumerate(images):
+        if image is not None:
+            first_seen.setdefault(_image_key(image), index)
+    return sorted(range(len(images)), key=lambda i: (images[i] is None, first_seen.get(_image_key(images[i]), i)
+                                                     if images[i] is not None else i, i))
+
+
+def shared_prefix_length(rows: list[list[int]], image_token_id: int) -> int | None:
+    """Length of the token prefix that ends with the last image token and that every row shares, or
+    ``None`` when the rows have no such prefix (no image, prefixes differ, or nothing after it)."""
+    first = rows[0]
+    image_positions = [p for p, token in enumerate(first) if token == image_token_id]
+    if not image_positions:
+        return None
+    length = image_positions[-1] + 1
+    if any(len(row) <= length or row[:length] != first[:length] for row in rows):
+        return None
+    return length
+
+
+class _Generation:
+    """One ``generate_answers`` call: its pixel loader, the vision features of the images seen so far and
+    the prefix key/value caches of the current batch's images."""
+
+    def __init__(self, bundle, image_aspect_ratio: str, feature_cache, max_new_tokens: int, share_prefix: bool):
+        self.bundle, self.model = bundle, bundle.model
+        self.base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+        self.pad_id = bundle.tokenizer.pad_token_id
+        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                    eos_token_id=_stop_ids(bundle), pad_token_id=self.pad_id, use_cache=True)
+        self.loader = PixelLoader(bundle, image_aspect_ratio)
+        self.feature_cache, self.share_prefix = feature_cache, share_prefix
+        self.features_by_image: dict = {}
+        self.prefix_cache: dict = {}
+
+    def answers(self, rows: list[list[int]], images: list) -> list[str]:
+        prefix = None
+        if self.share_prefix and all(image is not None for image in images):
+            prefix = shared_prefix_length(rows, self.base.config.image_token_id)
+        out = self._from_shared_prefix(rows, images, prefix) if prefix else self._left_padded(rows, images)
+        return [t.strip() for t in self.bundle.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def _left_padded(self, rows, images) -> torch.Tensor:
+        ids, mask = _left_pad(rows, self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with_image = [image for image in images if image is not None]
+        if not with_image:
+            return self.model.generate(input_ids=ids, attention_mask=mask, **self.generate_kwargs)[:, ids.shape[1]:]
+        embeds = embeds_with_image_features(self.model, ids, self.features(with_image))
+        return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **self.generate_kwargs)
+
+    def _from_shared_prefix(self, rows, images, length: int) -> torch.Tensor:
+        """Prefill the shared prefix once per distinct image, then generate every row from a copy of its
+        image's cache. Each row is laid out as ``prefix, padding, question``: the padding sits between the
+        cached prefix and the question, masked out, and ``generate`` numbers positions by the attention
+        mask's running count, so every token keeps the position it has in the unpadded prompt."""
+        from transformers import DynamicCache
+
+        keys = [_image_key(image) for image in images]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.prefix_cache))
+        if missing:
+            by_key = dict(zip(keys, images))
+            prefix_ids = torch.tensor([rows[0][:length]] * len(missing), device=self.device)
+            embeds = embeds_with_image_features(self.model, prefix_ids, self.features([by_key[k] for k in missing]))
+            cache = self.base.model.language_model(inputs_embeds=embeds, use_cache=True).cache
+            layers = [(layer_keys, layer_values) for layer_keys, layer_values, *_ in cache]
+            for row, key in enumerate(missing):
+                self.prefix_cache[key] = [(k[row:row + 1], v[row:row + 1]) for k, v in layers]
+        self.prefix_cache = {k: self.prefix_cache[k] for k in dict.fromkeys(keys)}  # keep this batch's only
+        per_row = [self.prefix_cache[k] for k in keys]
+        cache = DynamicCache(ddp_cache_data=[(torch.cat([r[layer][0] for r in per_row]),
+                                              torch.cat([r[layer][1] for r in per_row]))
+                                             for layer in range(len(per_row[0]))])
+        questions, question_mask = _left_pad([row[length:] for row in rows], self.pad_id)
+        ids = torch.cat([torch.tensor([rows[0][:length]] * len(rows)), questions], dim=1).to(self.device)
+        mask = torch.cat([torch.ones(len(rows), length, dtype=torch.long), question_mask], dim=1).to(self.device)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, cache=cache, **self.generate_kwargs)
+        return out[:, ids.shape[1]:]
+
+    def prefetch(self, images) -> None:
+        """Start decoding the images whose features are neither computed nor in ``feature_cache``."""
+        self.loader.prefetch(image for image in images if image is not None
+                             and _image_key(image) not in self.features_by_image
+                             and not self._has_stored_features(image))
+
+    def _has_stored_features(self, image) -> bool:
+        stored = self._stored_key(image)
+        return stored is not None and self.feature_cache.has(stored)
+
+    def features(self, images) -> torch.Tensor:
+        """Selected vision features for ``images`` (stacked); each distinct image goes through the vision
+        tower once per call — the new ones of a batch in one forward — or comes from ``feature_cache``."""
+        keys = [_image_key(image) for image in images]
+        by_key = dict(zip(keys, images))
+        todo = []
+        for key in dict.fromkeys(keys):
+            if key in self.features_by_image:
+                continue
+            stored = self._stored_key(by_key[key])
+            features = self.feature_cache.get(stored) if stored is not None else None
+            if features is None:
+                todo.append((key, stored))
+            else:
+                self.features_by_image[key] = features.to(device=self.device, dtype=self.dtype)
+        if todo:
+            pixels = torch.stack([self.loader.get(by_key[key]) for key, _ in todo]).to(self.device, self.dtype)
+            for (key, stored), features in zip(todo, select_features(self.model, pixels)):
+                if stored is not None:
+                    self.feature_cache.put(stored, features)
+                self.features_by_image[key] = features
+        return torch.stack([self.features_by_image[key] for key in keys])
+
+    def _stored_key(self, image):
+        if self.feature_cache is None or not isinstance(image, (str, os.PathLike)):
+            return None
+        return self.feature_cache.key_for(image)
 
 
 def _pixels(bundle, image, image_aspect_ratio: str) -> torch.Tensor:

@@ -266,3 +266,35 @@ def test_repeated_evaluation_reads_cached_features_and_answers_the_same(tmp_path
     assert generate_answers(bundle, questions, images, max_new_tokens=5, batch_size=4, feature_cache=again) == plain
     single = [generate_answers(bundle, [q], [i], max_new_tokens=5, batch_size=1)[0] for q, i in zip(questions, images)]
     assert single == plain   # batching (left padding) changes no answer
+
+
+def test_shared_prefix_generation_answers_as_transformers_generate_does_one_question_at_a_time(tmp_path):
+    """Questions about one image reuse the prefill of the prompt up to the image; the answers equal plain
+    ``generate`` with ``pixel_values`` and batch 1, whatever the batch boundaries and question order."""
+    import torch
+
+    from medvlm.data import preprocess_image
+    from medvlm.generate import _stop_ids, generate_answers, prompt_ids, shared_prefix_length
+    from medvlm.model import build_tiny
+
+    write_vqa_rad_original(tmp_path / "vqa", _items())
+    records = load_vqa("vqa-rad", tmp_path / "vqa", "train")[0] + load_vqa("vqa-rad", tmp_path / "vqa", "test")[0]
+    records = records[::2] + records[1::2]   # questions about one image apart, as in VQA-RAD's own order
+    questions, images = [r.question + " Answer briefly." * (i % 3) for i, r in enumerate(records)], [r.image for r in records]
+    bundle = build_tiny()
+    rows = [prompt_ids(bundle, q, True) for q in questions]
+    prefix = shared_prefix_length(rows, bundle.model.config.image_token_id)
+    assert prefix is not None and prefix >= bundle.num_image_tokens and len({len(r) for r in rows}) > 2
+    expected = []
+    with torch.no_grad():
+        for row, image in zip(rows, images):
+            ids = torch.tensor([row])
+            pixels = preprocess_image(load_image(image), bundle.image_processor, "pad").unsqueeze(0)
+            out = bundle.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                        max_new_tokens=6, do_sample=False, eos_token_id=_stop_ids(bundle),
+                                        pad_token_id=bundle.tokenizer.pad_token_id)
+            expected.append(bundle.tokenizer.decode(out[0, len(row):], skip_special_tokens=True).strip())
+    assert len(set(expected)) > 1   # the answers tell the prompts apart, so a mixed-up row would show
+    for batch_size in (1, 5, 16):
+        assert generate_answers(bundle, questions, images, max_new_tokens=6, batch_size=batch_size) == expected
+    assert generate_answers(bundle, questions, images, max_new_tokens=6, batch_size=5, share_prefix=False) == expected
