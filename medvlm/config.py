@@ -69,6 +69,7 @@ class StageConfig:
     gradient_checkpointing: bool = False
     feature_cache: bool = True                  # reuse frozen vision features (exact; medvlm/features.py)
     feature_cache_dir: str | None = None        # also keep them on disk (large sets, later stages)
+    answer_logits_only: bool = True             # LM head + loss at supervised positions only (exact)
     save_steps: int = 0                         # 0: checkpoint at each epoch end only
     keep_last: int = 2
     log_steps: int = 10

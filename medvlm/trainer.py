@@ -12,6 +12,9 @@ Features, and how a stage config (``medvlm.config.StageConfig``) switches them:
   (``warmup_ratio``) + cosine decay, ``grad_accum``, ``max_grad_norm`` clipping, ``epochs`` or ``max_steps``.
 - **Frozen vision features** (``feature_cache``, on by default): each image's selected vision-tower features
   are computed once and reused every later step (``features.py``); exact, skipped when the tower trains.
+- **Logits where the loss is** (``answer_logits_only``, on by default): the LM head and the cross-entropy
+  run only at positions that predict a supervised token (``logits_to_keep``), not at every image and
+  prompt token; the loss is the one transformers computes, exactly, without the [tokens × vocab] logits.
 - **Data**: LLaVA conversation JSON/JSONL, labels on assistant turns only, length-grouped batches
   (``group_by_length``; ``auto`` groups when random batches would pad ≥ 10%), padding fraction logged
   per epoch, unusable records counted by reason and a ``max_skip_rate`` guard.
@@ -43,6 +46,7 @@ import torch
 
 from .checkpoint import ResumeCheckpoints, atomic_folder
 from .config import ConfigError, StageConfig, to_dict
+from .conversation import IGNORE_INDEX
 from .data import Collator, ConversationDataset, LengthGroupedBatchSampler, choose_grouping
 from .model import (PROJECTOR_FILE, LlavaBundle, apply_trainable, load_model, load_projector, parse_trainable,
                     save_folder, save_projector, trainable_summary)
@@ -353,14 +357,18 @@ class Trainer:
     def _micro_step(self, batch: dict) -> float:
         acc, cfg = self.accelerator, self.config
         with acc.accumulate(self.model):
+            keep = answer_positions(batch["labels"]) if cfg.answer_logits_only else None
+            head = {"labels": batch["labels"]} if keep is None else {"logits_to_keep": keep[0]}
             if batch.get("image_keys"):
                 with acc.autocast():  # the same precision the model's own vision path would run in
                     outputs = self.model(inputs_embeds=self._cached_embeds(batch), attention_mask=batch["attention_mask"],
-                                         labels=batch["labels"])
+                                         **head)
             else:
                 outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     pixel_values=batch["pixel_values"], labels=batch["labels"])
-            loss = outputs.loss
+                                     pixel_values=batch["pixel_values"], **head)
+            # the causal-LM loss transformers computes (fp32 logits, mean over supervised tokens), on the
+            # positions that have a label only
+            loss = outputs.loss if keep is None else torch.nn.functional.cross_entropy(outputs.logits.float(), keep[1])
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm and cfg.max_grad_norm > 0:
                 self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -465,6 +473,18 @@ class Trainer:
     def _restore_signal_handlers(previous: dict) -> None:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(keep, targets)`` for the loss on supervised tokens only: ``keep[b, p]`` is true where position
+    ``p`` predicts a labelled token ``labels[b, p + 1]`` (the causal shift), ``targets`` those labels in
+    the order ``logits_to_keep=keep`` returns their logits. ``None`` when nothing in the batch is labelled."""
+    following = labels[:, 1:]
+    supervised = following != IGNORE_INDEX
+    if not bool(supervised.any()):
+        return None
+    keep = torch.nn.functional.pad(supervised, (0, 1), value=False)
+    return keep, following[supervised]
 
 
 def _reset_accelerate_state() -> None:

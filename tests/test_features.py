@@ -66,3 +66,35 @@ def test_cache_is_off_when_the_vision_tower_trains(tmp_path, colour_set):
     trainer = Trainer(stage_config(data, images, tmp_path / "out", trainable="projector+vision", max_steps=1))
     trainer.setup()
     assert trainer.feature_cache is None
+
+
+def test_loss_on_answer_positions_only_equals_the_full_logits_loss_and_gradients(tmp_path, colour_set):
+    from medvlm.conversation import IGNORE_INDEX
+    from medvlm.model import build_tiny
+    from medvlm.trainer import answer_positions
+
+    data, images = colour_set
+    trainer = Trainer(stage_config(data, images, tmp_path / "out", feature_cache=False, trainable="projector+llm"),
+                      build_tiny())
+    trainer.setup()
+    batch = next(iter(trainer.loader))
+    labels = batch["labels"].clone()
+    labels[0, labels[0] != IGNORE_INDEX] = IGNORE_INDEX        # a row with nothing to learn
+    labels[1, (labels[1] != IGNORE_INDEX).nonzero()[0]] = IGNORE_INDEX  # rows of different answer lengths
+    model = trainer.model
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "pixel_values": batch["pixel_values"]}
+    full = model(**inputs, labels=labels).loss
+    full.backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    keep, targets = answer_positions(labels)
+    assert int(keep.sum()) == int((labels[:, 1:] != IGNORE_INDEX).sum()) == len(targets) and not keep[0].any()
+    logits = model(**inputs, logits_to_keep=keep).logits
+    assert logits.shape == (len(targets), model.config.text_config.vocab_size)
+    sparse = torch.nn.functional.cross_entropy(logits.float(), targets)
+    sparse.backward()
+    assert abs(float(full) - float(sparse)) < 1e-6
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-6), name
+    assert answer_positions(torch.full_like(labels, IGNORE_INDEX)) is None
