@@ -4,7 +4,8 @@ The reference recipe is what LLaVA's ``train.py`` and TRL do: ``transformers.Tra
 ``LlavaForConditionalGeneration`` (same initial weights, same frozen vision tower), the same conversations,
 batch size, epochs, AdamW learning rate, cosine schedule and precision, with a dataset that loads and
 preprocesses each image on every access, a plain padding collator and a random sampler.
-medvlm runs its own trainer with its defaults: frozen-feature cache and length-grouped batches.
+medvlm runs its own trainer with its defaults: frozen-feature cache, LM head and loss at answer positions
+only, length-grouped batches when they pay.
 
 Data: a VQA-RAD-layout set whose images are real DICOM files (pydicom's and pydicom-data's CT, MR, CR and
 US, up to 1955 px), decoded by pydicom on every read. Two model shapes: the ``tiny`` preset, and a
@@ -12,8 +13,9 @@ US, up to 1955 px), decoded by pydicom on every read. Two model shapes: the ``ti
 
     python benchmarks/finetune.py [--epochs 3] [--rounds 2] [--shapes tiny proportioned]
 
-Prints samples/s of each run, final losses, model FLOPs utilisation against a torch.mm peak measured here,
-and, last, the speed ratio (medvlm ÷ reference) per shape.
+Prints samples/s of each run, final losses, FLOPs utilisation (the FLOPs each recipe performs, see
+``flops_per_sample``) against a torch.mm peak measured here, and, last, the speed ratio (medvlm ÷
+reference) per shape.
 """
 
 from __future__ import annotations
@@ -108,14 +110,24 @@ def full_pass_loss(bundle, data: Path, image_root: Path) -> float:
     return sum(losses) / sum(weights)
 
 
-def flops_per_sample(bundle, data: Path) -> float:
+def flops_per_sample(bundle, data: Path, epochs: int, recipe: str) -> float:
+    """Training FLOPs a recipe performs per sample: 2 × parameters per token forward, 4 × backward, the
+    frozen vision tower forward only. The reference runs the tower on every sample and the LM head at every
+    position; medvlm runs the tower once per distinct image (feature cache) and the head at answer
+    positions only (``answer_logits_only``)."""
     vision, projector, lm = parameter_split(bundle.model)
+    head = bundle.model.lm_head.weight.numel()
     records = read_records(data)
-    lengths = [len(encode(bundle.template, r["conversations"], bundle.tokenizer, bundle.image_token_id,
-                          bundle.num_image_tokens, True).input_ids) for r in records]
-    tokens = sum(lengths) / len(lengths)
-    image_tokens = bundle.num_image_tokens + 1
-    return 2 * vision * image_tokens + 6 * (projector + lm) * tokens
+    encoded = [encode(bundle.template, r["conversations"], bundle.tokenizer, bundle.image_token_id,
+                      bundle.num_image_tokens, True) for r in records]
+    tokens = sum(len(e.input_ids) for e in encoded) / len(encoded)
+    answer_tokens = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in encoded) / len(encoded)
+    tower = 2 * vision * (bundle.num_image_tokens + 1)
+    if recipe == "reference":
+        return tower + 6 * (projector + lm) * tokens
+    distinct_images = len({r["image"] for r in records})
+    return (tower * distinct_images / (len(records) * epochs) + 6 * (projector + lm - head) * tokens
+            + 6 * head * answer_tokens)
 
 
 def main() -> None:
@@ -137,7 +149,7 @@ def main() -> None:
         for shape in args.shapes:
             make = makers[shape]
             vision, projector, lm = parameter_split(make().model)
-            per_sample = flops_per_sample(make(), data)
+            per_sample = {name: flops_per_sample(make(), data, args.epochs, name) for name in ("reference", "medvlm")}
             print(f"\n[{shape}] vision {vision:,} / projector {projector:,} / LM {lm:,} parameters "
                   f"(vision : LM = 1 : {lm / vision:.1f})")
             results = {"reference": [], "medvlm": []}
@@ -146,7 +158,7 @@ def main() -> None:
                     r = runner(make, data, image_root, args.epochs, tmp / f"{shape}-{name}-{round_}")
                     results[name].append(r)
                     print(f"  round {round_ + 1} {name:<9}: {r['samples_per_second']:7.2f} samples/s, "
-                          f"loss after (full pass) {r['final_loss']:.4f}, MFU {100 * per_sample * r['samples_per_second'] / peak:.2f}%")
+                          f"loss after (full pass) {r['final_loss']:.4f}, MFU {100 * per_sample[name] * r['samples_per_second'] / peak:.2f}%")
             speed = {k: statistics.median(r["samples_per_second"] for r in v) for k, v in results.items()}
             ratios[shape] = speed["medvlm"] / speed["reference"]
             print(f"  median samples/s: reference {speed['reference']:.2f}, medvlm {speed['medvlm']:.2f}")
