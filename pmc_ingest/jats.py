@@ -196,7 +196,7 @@ def _collect(node, parts: list[str], panels: bool, top: bool = False) -> None:
         parts.append(" ")
     text = node.text or ""
     if panels and tag == "bold" and len(node) == 0 and _PANEL_BOLD.fullmatch(text.strip()):
-        parts.append(f" {PANEL_SENTINEL}{text.strip().strip('().')}{PANEL_SENTINEL} ")
+        parts.append(f"{PANEL_SENTINEL}{text}{PANEL_SENTINEL}")  # the bold text as written, marked
     else:
         parts.append(text)
         for child in node:
@@ -238,17 +238,16 @@ def _caption(node) -> tuple[str, list[Panel]]:
     if caption is None:
         return "", []
     marked = _flatten(caption, panels=True)
-    text = re.sub(rf"\s*{PANEL_SENTINEL}(\w){PANEL_SENTINEL}\s*", r" \1 ", marked)
-    text = re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"\s+", " ", marked.replace(PANEL_SENTINEL, "")).strip()
     panels = _panels_from_bold(marked) or split_panels(text)
     return text, panels
 
 
 def _panels_from_bold(marked: str) -> list[Panel]:
-    pieces = re.split(rf"{PANEL_SENTINEL}(\w){PANEL_SENTINEL}", marked)
+    pieces = re.split(rf"{PANEL_SENTINEL}([^{PANEL_SENTINEL}]*){PANEL_SENTINEL}", marked)
     if len(pieces) < 5:  # at least two markers
         return []
-    labels = pieces[1::2]
+    labels = [marker.strip().strip("().") for marker in pieces[1::2]]
     if not _consecutive(labels):
         return []
     return [Panel(label, re.sub(r"\s+", " ", pieces[2 * i + 2]).strip(" ;,")) for i, label in enumerate(labels)]

@@ -13,7 +13,7 @@ from pmc_ingest.jats import parse_article, split_panels
 from pmc_ingest.pairs import IngestOptions, ingest_pmc, load_pairs
 from pmc_ingest.synthetic import ArticleSpec, FigGroupSpec, FigureSpec, write_folder, write_package
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "pmc_xml"
+REAL_PMC = Path(__file__).resolve().parent / "data" / "pmc_real"
 
 
 def _img(seed: int, size=(160, 120)) -> Image.Image:
@@ -187,20 +187,24 @@ def test_alignment_conversations_are_llava_json(corpus, tmp_path):
     assert only_ct == 1
 
 
-@pytest.mark.skipif(not REALDATA.is_dir(), reason="shared/realdata is not beside this checkout")
 def test_real_pmc_articles_parse():
-    figures = mentions = 0
-    for path in sorted(REALDATA.glob("*.xml")):
-        article = parse_article(path.read_bytes(), str(path))
-        assert article.pmcid == path.stem
-        figures += len(article.figures)
-        mentions += sum(len(v) for v in article.mentions.values())
+    """Two real PMC articles (CC BY 4.0, PMC's OAI-PMH JATS; see tests/data/pmc_real/README.md)."""
+    articles = {path.stem: parse_article(path.read_bytes(), str(path)) for path in sorted(REAL_PMC.glob("*.xml"))}
+    assert sorted(articles) == ["PMC6000000", "PMC6500000"]
+    for pmcid, article in articles.items():
+        assert article.pmcid == pmcid and article.license == "CC BY"
         for figure in article.figures:
-            assert "  " not in figure.caption  # (a graphical abstract's <fig> has no caption at all)
+            assert "  " not in figure.caption and " ," not in figure.caption  # inline markup spaced as written
             assert not re.search(r"</?[a-z][a-z-]*[ />]", figure.caption), figure.caption  # no markup left
-    assert figures == 60 and mentions > 100
-    a = parse_article((REALDATA / "PMC6000000.xml").read_bytes())
+    a, b = articles["PMC6000000"], articles["PMC6500000"]
+    assert (a.pmid, a.journal, a.year) == ("29899428", "Emerging Microbes & Infections", 2018)
+    assert [f.figure_id for f in a.figures] == ["Fig1", "Fig2", "Fig3", "Fig4", "Fig5"]
+    assert [len(a.mentions[f.figure_id]) for f in a.figures] == [4, 3, 1, 3, 1]
     fig1 = a.figures[0]
+    assert fig1.label == "Fig. 1" and fig1.graphics == ["41426_2018_113_Fig1_HTML"]
     assert [p.label for p in fig1.panels] == ["a", "b"]
     assert fig1.panels[1].text.startswith("Survival of infected mice.")
     assert "(Fig. 1a, b)" in a.mentions[fig1.figure_id][0]
+    assert "mice. a, b Eight-week-old female BALB/c mice without infection. c–h Eight-week-old" in a.figures[1].caption
+    assert [[p.label for p in f.panels] for f in b.figures] == [["a", "b", "c", "d"], ["a", "b", "c"], ["a", "b", "c"]]
+    assert b.figures[0].panels[0].text.startswith("A spider plot of change in laryngeal disease burden")
