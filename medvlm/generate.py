@@ -207,7 +207,7 @@ class _Generation:
         per_row = [self.prefix_cache[k] for k in keys]
         cache = DynamicCache(ddp_cache_data=[(torch.cat([r[layer][0] for r in per_row]),
                                               torch.cat([r[layer][1] for r in per_row]))
-                                             for layer in range(len(per_row[0]))])
+                                             for layer in range(len(per_row[0]))], config=self.base.config)
         questions, question_mask = _left_pad([row[length:] for row in rows], self.pad_id)
         ids = torch.cat([torch.tensor([rows[0][:length]] * len(rows)), questions], dim=1).to(self.device)
         mask = torch.cat([torch.ones(len(rows), length, dtype=torch.long), question_mask], dim=1).to(self.device)

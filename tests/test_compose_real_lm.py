@@ -52,3 +52,14 @@ def test_smollm2_llava_trains_with_lora(tmp_path):
     with torch.no_grad():
         ids = torch.tensor([enc.input_ids[:20]])
         assert torch.isfinite(reloaded(input_ids=ids).logits).all()
+
+    # generation with a real tokenizer and chat template, through the trained (LoRA) model: the prefill
+    # shared by questions about one image changes no answer
+    from medvlm.generate import generate_answers, prompt_ids, shared_prefix_length
+
+    questions = ["What colour is this?", "Describe the image in one word.", "Is it red?"]
+    pictures = [images / "0.png", images / "1.png", images / "0.png"]
+    assert shared_prefix_length([prompt_ids(bundle, q, True) for q in questions], bundle.image_token_id)
+    shared = generate_answers(bundle, questions, pictures, max_new_tokens=6, batch_size=3)
+    assert shared == generate_answers(bundle, questions, pictures, max_new_tokens=6, batch_size=3, share_prefix=False)
+    assert any(shared)  # (some replies end at once: four LoRA steps on colour answers)
