@@ -69,7 +69,9 @@ def main() -> None:
         records = load_vqa("vqa-rad", root, "test")[0] + load_vqa("vqa-rad", root, "train")[0]
         questions, images = [r.question for r in records], [r.image for r in records]
         vision, projector, lm = parameter_split(bundle.model)
-        prompt_tokens = sum(len(prompt_ids(bundle, q, True)) for q in questions)
+        prompts = [prompt_ids(bundle, q, True) for q in questions]
+        prompt_tokens = sum(len(p) for p in prompts)
+        image_paths = sorted({str(i) for i in images})
         timings = {"one at a time": [], "batched (16)": []}
         answers = {}
         for _ in range(args.rounds):
@@ -95,15 +97,15 @@ def main() -> None:
         # FLOPs each method performs: one at a time runs the tower and the whole prompt per question; batched
         # runs the tower and the shared prefix (system prompt + image) once per distinct image, the question
         # tokens per question; the repeat takes the tower's features from the cache.
-        distinct = len({str(i) for i in images})
-        prefix = shared_prefix_length([prompt_ids(bundle, q, True) for q in questions], bundle.model.config.image_token_id)
+        distinct = len(image_paths)
+        prefix = shared_prefix_length(prompts, bundle.model.config.image_token_id)
         tower_flops = 2 * vision * (bundle.num_image_tokens + 1)
         shared_lm_tokens = distinct * prefix + prompt_tokens - len(questions) * prefix + generated
         flops = {"one at a time": tower_flops * len(questions) + 2 * (projector + lm) * (prompt_tokens + generated),
                  "batched (16)": tower_flops * distinct + 2 * (projector + lm) * shared_lm_tokens,
                  "batched, repeat": 2 * (projector + lm) * shared_lm_tokens}
         start = time.perf_counter()
-        for path in sorted({str(i) for i in images}):
+        for path in image_paths:
             preprocess_image(load_image(path), bundle.image_processor, "pad")
         decode_seconds = time.perf_counter() - start
         print(f"{len(questions)} questions on real DICOM images, greedy, max {args.max_new_tokens} new tokens")

@@ -110,8 +110,8 @@ def full_pass_loss(bundle, data: Path, image_root: Path) -> float:
     return sum(losses) / sum(weights)
 
 
-def flops_per_sample(bundle, data: Path, epochs: int, recipe: str) -> float:
-    """Training FLOPs a recipe performs per sample: 2 × parameters per token forward, 4 × backward, the
+def flops_per_sample(bundle, data: Path, epochs: int) -> dict[str, float]:
+    """Training FLOPs each recipe performs per sample: 2 × parameters per token forward, 4 × backward, the
     frozen vision tower forward only. The reference runs the tower on every sample and the LM head at every
     position; medvlm runs the tower once per distinct image (feature cache) and the head at answer
     positions only (``answer_logits_only``)."""
@@ -123,11 +123,10 @@ def flops_per_sample(bundle, data: Path, epochs: int, recipe: str) -> float:
     tokens = sum(len(e.input_ids) for e in encoded) / len(encoded)
     answer_tokens = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in encoded) / len(encoded)
     tower = 2 * vision * (bundle.num_image_tokens + 1)
-    if recipe == "reference":
-        return tower + 6 * (projector + lm) * tokens
     distinct_images = len({r["image"] for r in records})
-    return (tower * distinct_images / (len(records) * epochs) + 6 * (projector + lm - head) * tokens
-            + 6 * head * answer_tokens)
+    return {"reference": tower + 6 * (projector + lm) * tokens,
+            "medvlm": (tower * distinct_images / (len(records) * epochs) + 6 * (projector + lm - head) * tokens
+                       + 6 * head * answer_tokens)}
 
 
 def main() -> None:
@@ -148,8 +147,9 @@ def main() -> None:
         print(f"data: {info['questions']} training questions on real DICOM images; batch {BATCH}, {args.epochs} epochs")
         for shape in args.shapes:
             make = makers[shape]
-            vision, projector, lm = parameter_split(make().model)
-            per_sample = {name: flops_per_sample(make(), data, args.epochs, name) for name in ("reference", "medvlm")}
+            sample = make()
+            vision, projector, lm = parameter_split(sample.model)
+            per_sample = flops_per_sample(sample, data, args.epochs)
             print(f"\n[{shape}] vision {vision:,} / projector {projector:,} / LM {lm:,} parameters "
                   f"(vision : LM = 1 : {lm / vision:.1f})")
             results = {"reference": [], "medvlm": []}

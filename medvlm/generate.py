@@ -136,8 +136,8 @@ def _grouped_by_image(images) -> list[int]:
     for index, image in enumerate(images):
         if image is not None:
             first_seen.setdefault(_image_key(image), index)
-    return sorted(range(len(images)), key=lambda i: (images[i] is None, first_seen.get(_image_key(images[i]), i)
-                                                     if images[i] is not None else i, i))
+    # a stable sort: questions keep their order within an image's group and among the text-only ones
+    return sorted(range(len(images)), key=lambda i: (1, i) if images[i] is None else (0, first_seen[_image_key(images[i])]))
 
 
 def shared_prefix_length(rows: list[list[int]], image_token_id: int) -> int | None:
@@ -194,11 +194,12 @@ class _Generation:
         from transformers import DynamicCache
 
         keys = [_image_key(image) for image in images]
+        prefix_ids = torch.tensor(rows[0][:length], device=self.device)
         missing = list(dict.fromkeys(k for k in keys if k not in self.prefix_cache))
         if missing:
             by_key = dict(zip(keys, images))
-            prefix_ids = torch.tensor([rows[0][:length]] * len(missing), device=self.device)
-            embeds = embeds_with_image_features(self.model, prefix_ids, self.features([by_key[k] for k in missing]))
+            embeds = embeds_with_image_features(self.model, prefix_ids.expand(len(missing), -1),
+                                                self.features([by_key[k] for k in missing]))
             cache = self.base.model.language_model(inputs_embeds=embeds, use_cache=True).cache
             layers = [(layer_keys, layer_values) for layer_keys, layer_values, *_ in cache]
             for row, key in enumerate(missing):
@@ -209,7 +210,7 @@ class _Generation:
                                               torch.cat([r[layer][1] for r in per_row]))
                                              for layer in range(len(per_row[0]))], config=self.base.config)
         questions, question_mask = _left_pad([row[length:] for row in rows], self.pad_id)
-        ids = torch.cat([torch.tensor([rows[0][:length]] * len(rows)), questions], dim=1).to(self.device)
+        ids = torch.cat([prefix_ids.expand(len(rows), -1), questions.to(self.device)], dim=1)
         mask = torch.cat([torch.ones(len(rows), length, dtype=torch.long), question_mask], dim=1).to(self.device)
         out = self.model.generate(input_ids=ids, attention_mask=mask, cache=cache, **self.generate_kwargs)
         return out[:, ids.shape[1]:]
