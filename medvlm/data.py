@@ -193,13 +193,29 @@ class ConversationDataset(torch.utils.data.Dataset):
         if len(input_ids) > self.max_length:
             input_ids, labels = _truncate(input_ids, labels, self.max_length, self.bundle.image_token_id)
         item = {"id": record_id, "input_ids": torch.tensor(input_ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": pixel_values}
+                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": pixel_values,
+                "image": str(example.image_path) if example.image_path is not None else None}
         if image_key is not None:
             item["image_key"] = image_key  # features come from the cache, or are computed once from pixel_values
         return item
 
+    def __getitems__(self, indices: list[int]) -> list[dict | None]:
+        """A batch's items (the DataLoader's batched fetch); an image that several of them ask about is
+        decoded once (image-grouped batches hold several questions about one image)."""
+        self._decoded: dict = {}
+        try:
+            return [self[i] for i in indices]
+        finally:
+            self._decoded = None
+
     def pixel_values(self, path: Path) -> torch.Tensor:
-        return preprocess_image(load_image(path), self.bundle.image_processor, self.image_aspect_ratio)
+        memo = getattr(self, "_decoded", None)
+        if memo is not None and path in memo:
+            return memo[path]
+        pixels = preprocess_image(load_image(path), self.bundle.image_processor, self.image_aspect_ratio)
+        if memo is not None:
+            memo[path] = pixels
+        return pixels
 
 
 def preprocess_image(image, image_processor, image_aspect_ratio: str = "pad") -> torch.Tensor:
@@ -340,3 +356,37 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         return batches
+
+
+class ImageGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches formed from images, for shared-image packing (``packing.py``): the images are shuffled, the
+    questions about each image follow each other, and the sequence is cut into batches of ``batch_size``
+    questions — so a batch holds whole images' questions (an image with more questions than fit spills into
+    the next batch), and an epoch has as many batches of as many questions as random batching. Text-only
+    records are shuffled in among the images, one each. The order depends only on (seed, epoch).
+
+    Compared with LLaVA's random question batches, a batch sees fewer distinct images (about
+    ``batch_size`` ÷ questions per image) with several questions each."""
+
+    def __init__(self, images: Sequence[str | None], batch_size: int, seed: int = 0):
+        groups: dict = {}
+        for index, image in enumerate(images):
+            groups.setdefault(("text", index) if image is None else image, []).append(index)
+        self.groups = list(groups.values())
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.size = len(images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = []
+        for g in torch.randperm(len(self.groups), generator=generator).tolist():
+            group = self.groups[g]
+            order.extend(group[i] for i in torch.randperm(len(group), generator=generator).tolist())
+        for start in range(0, len(order), self.batch_size):
+            yield order[start:start + self.batch_size]
