@@ -100,15 +100,22 @@ def num_image_tokens(config) -> int:
 
 
 # --------------------------------------------------------------------------------------- sources
-def load_model(source: dict, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LlavaBundle:
-    """Dispatch on a model source dict: ``{checkpoint: DIR}``, ``{compose: {...}}`` or ``{preset: tiny}``."""
-    if not isinstance(source, dict) or len(source) != 1:
+def load_model(source: dict, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+               attn_implementation: str | None = None) -> LlavaBundle:
+    """Dispatch on a model source dict: ``{checkpoint: DIR}``, ``{compose: {...}}`` or ``{preset: tiny}``.
+
+    A ``checkpoint`` in LLaVA's own format (``LlavaLlamaForCausalLM``/``LlavaMistralForCausalLM``) is
+    converted in memory (``convert.py``); ``vision: CLIP_DIR`` beside it names its vision tower when the
+    checkpoint has no tower weights and its ``mm_vision_tower`` is not a local folder."""
+    extra = {"vision"} if isinstance(source, dict) and "checkpoint" in source else set()
+    if not isinstance(source, dict) or len(set(source) - extra) != 1:
         raise ValueError(f"model source must have exactly one of checkpoint/compose/preset, got {source!r}")
-    kind, value = next(iter(source.items()))
+    kind, value = next((k, v) for k, v in source.items() if k not in extra)
     if kind == "checkpoint":
-        return load_checkpoint(value, dtype=dtype, trust_remote_code=trust_remote_code)
+        return load_checkpoint(value, dtype=dtype, trust_remote_code=trust_remote_code,
+                               attn_implementation=attn_implementation, vision=source.get("vision"))
     if kind == "compose":
-        return compose(**value, dtype=dtype, trust_remote_code=trust_remote_code)
+        return compose(**value, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     if kind == "preset":
         if value != "tiny":
             raise ValueError(f"unknown preset {value!r}; the only preset is 'tiny'")
@@ -116,16 +123,22 @@ def load_model(source: dict, dtype: torch.dtype | None = None, trust_remote_code
     raise ValueError(f"unknown model source {kind!r}; use checkpoint, compose or preset")
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LlavaBundle:
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                    attn_implementation: str | None = None, vision: str | None = None) -> LlavaBundle:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from .convert import is_llava_format, load_llava_format
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: not a model folder (no config.json); pass a folder written by save_pretrained or a stage's checkpoint/"
         )
+    if is_llava_format(path):
+        return load_llava_format(path, vision=vision, dtype=dtype, attn_implementation=attn_implementation)
     model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype or "auto", trust_remote_code=trust_remote_code, use_safetensors=True
+        path, dtype=dtype or "auto", trust_remote_code=trust_remote_code, use_safetensors=True,
+        attn_implementation=attn_implementation,
     )
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     metadata = read_metadata(path)
@@ -224,6 +237,7 @@ def compose(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> LlavaBundle:
     """LLaVA-1.5 from parts: CLIP tower + causal LM + a new 2-layer GELU projector.
 
@@ -240,8 +254,11 @@ def compose(
     if gguf_file:
         lm_kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(llm, **lm_kwargs)
+    if attn_implementation:
+        lm_kwargs["attn_implementation"] = attn_implementation
     language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or torch.float32, **lm_kwargs)
-    vision_model = CLIPVisionModel.from_pretrained(vision, dtype=dtype or torch.float32)
+    vision_model = CLIPVisionModel.from_pretrained(vision, dtype=dtype or torch.float32,
+                                                   **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     vision_config = vision_model.config
 
     added = tokenizer.add_tokens([_special(IMAGE_TOKEN)], special_tokens=True)
@@ -390,18 +407,20 @@ def save_projector(model, path: str | os.PathLike) -> Path:
 
 
 def load_projector(model, path: str | os.PathLike) -> None:
-    """LLaVA's ``pretrain_mm_mlp_adapter``: put a stage-1 projector into a model before stage 2."""
-    from safetensors.torch import load_file
+    """LLaVA's ``pretrain_mm_mlp_adapter``: put a stage-1 projector into a model before stage 2.
+
+    ``path``: our ``mm_projector.safetensors`` (or its folder) or LLaVA's own ``mm_projector.bin``
+    (read with ``torch.load(weights_only=True)``); LLaVA's keys (``model.mm_projector.0.weight``) and ours
+    (``linear_1.weight``) both work."""
+    from .convert import projector_key, read_weights
 
     path = Path(path)
     if path.is_dir():
-        path = path / PROJECTOR_FILE
-    state = load_file(str(path))
-    # Accept LLaVA-style keys ("model.mm_projector.0.weight") as well as ours ("linear_1.weight").
-    renamed = {}
-    for key, value in state.items():
-        key = key.split("mm_projector.")[-1].replace("0.", "linear_1.", 1).replace("2.", "linear_2.", 1) if "mm_projector" in key else key
-        renamed[key] = value
+        path = next((path / name for name in (PROJECTOR_FILE, "mm_projector.bin") if (path / name).is_file()),
+                    path / PROJECTOR_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no projector file; pass a stage-1 {PROJECTOR_FILE} or LLaVA's mm_projector.bin")
+    renamed = {new: value for key, value in read_weights(path).items() if (new := projector_key(key)) is not None}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     projector = base.model.multi_modal_projector
     try:
