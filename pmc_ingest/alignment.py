@@ -32,6 +32,19 @@ def alignment_record(row: dict, prompt: str) -> dict:
     }
 
 
+def canonical_modalities(values: list[str]) -> list[str]:
+    """``ct`` → ``CT``, ``x-ray`` → ``X-ray`` (tags match case-insensitively); an unknown tag is an error
+    naming the allowed ones, never a silent empty output."""
+    from .modality import MODALITY_KEYWORDS
+
+    known = {name.lower(): name for name in MODALITY_KEYWORDS}
+    unknown = [v for v in values if v.strip().lower() not in known]
+    if unknown:
+        raise ValueError(f"--modality {', '.join(map(repr, unknown))}: unknown modality tag; allowed: "
+                         f"{', '.join(MODALITY_KEYWORDS)} (any case)")
+    return [known[v.strip().lower()] for v in values]
+
+
 def write_alignment(pairs_dir: str | Path, out_file: str | Path, seed: int = 0, modalities: list[str] | None = None,
                     prompts_file: str | Path | None = None, limit: int | None = None) -> int:
     """Write the alignment JSON next to nothing else; image paths stay relative to ``pairs_dir``."""
@@ -41,7 +54,7 @@ def write_alignment(pairs_dir: str | Path, out_file: str | Path, seed: int = 0, 
     rng = random.Random(seed)
     pairs = load_pairs(pairs_dir)
     if modalities:
-        wanted = set(modalities)
+        wanted = set(canonical_modalities(modalities))
         pairs = pairs.filter(lambda m: m in wanted, input_columns="modality")
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,7 @@ class Article:
     title: str | None
     figures: list[Figure]
     mentions: dict[str, list[str]]  # figure id → sentences citing it
+    doi: str | None = None
 
 
 def parse_article(data: bytes, source: str = "<bytes>") -> Article:
@@ -92,6 +93,7 @@ def parse_article(data: bytes, source: str = "<bytes>") -> Article:
         year=_year(article), license=_license_text(article), license_url=_license_url(article),
         title=_flatten(article.find("front/article-meta/title-group/article-title")) or None,
         figures=figures, mentions=_mentions(article, figures),
+        doi=_first_text(article, "front/article-meta/article-id[@pub-id-type='doi']"),
     )
 
 
