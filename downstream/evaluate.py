@@ -39,13 +39,47 @@ def evaluate_model(bundle, records: Sequence[VQARecord], out_dir: str | Path, su
     """Answer every record, score it, and write answers.jsonl / metrics.json / report.md to ``out_dir``.
 
     ``feature_cache_dir`` keeps vision features on disk, keyed by image, tower weights and preprocessing,
-    so repeated evaluations (other checkpoints with the same frozen tower) skip image decoding."""
-    from medvlm.generate import generate_answers
+    so repeated evaluations (other checkpoints with the same frozen tower) skip image decoding.
+
+    Under a launcher (``WORLD_SIZE`` > 1) every rank answers its share of the questions — whole images
+    (``generate.shard_by_image``) — and rank 0 gathers the answers through files in ``out_dir``
+    (``device.FileExchange``: no rank waits inside a collective), scores them and writes the outputs;
+    every rank returns the same result. ``metrics.json`` records the device, dtype and attention
+    implementation that produced the answers, and the number of processes."""
+    from medvlm.device import FileExchange, data_parallel, describe, shared_token
+    from medvlm.generate import shard_by_image
 
     if closed_mode not in ("generate", "likelihood"):
         raise ValueError("closed_mode must be 'generate' or 'likelihood'")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world_size = data_parallel()
+    settings = {"closed_mode": closed_mode, "option_suffix": option_suffix, "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens, "questions": len(records), **describe(bundle.model),
+                "processes": world_size}
+    answer = dict(closed_mode=closed_mode, option_suffix=option_suffix, batch_size=batch_size,
+                  max_new_tokens=max_new_tokens, progress=progress and rank == 0, feature_cache_dir=feature_cache_dir)
+    if world_size == 1:
+        return _score_and_write(records, _predict(bundle, records, **answer), out_dir, suites, candidates, settings)
+    exchange = FileExchange(out_dir, shared_token(), rank, world_size)
+    try:
+        share = [records[i] for i in shard_by_image([r.image for r in records], rank, world_size)]
+        parts = exchange.gather(_predict(bundle, share, **answer))
+        result = None
+        if rank == 0:
+            predictions = {key: value for part in parts for key, value in part.items()}
+            result = _score_and_write(records, predictions, out_dir, suites, candidates, settings)
+    except BaseException as exc:
+        exchange.fail(exc)
+        raise
+    return exchange.publish(result)
+
+
+def _predict(bundle, records: Sequence[VQARecord], closed_mode: str, option_suffix: bool, batch_size: int,
+             max_new_tokens: int, progress: bool, feature_cache_dir) -> dict[str, str]:
+    """``{record id: prediction}``: closed questions by likelihood or generation, the rest by generation."""
+    from medvlm.generate import generate_answers
+
     predictions: dict[str, str] = {}
     closed = [r for r in records if r.answer_type == "closed"]
     to_generate = list(records) if closed_mode == "generate" else [r for r in records if r.answer_type == "open"]
@@ -62,13 +96,17 @@ def evaluate_model(bundle, records: Sequence[VQARecord], out_dir: str | Path, su
     answers = generate_answers(bundle, questions, [r.image for r in to_generate], max_new_tokens=max_new_tokens,
                                batch_size=batch_size, progress=progress, feature_cache=feature_cache)
     predictions.update({r.id: a for r, a in zip(to_generate, answers)})
+    return predictions
+
+
+def _score_and_write(records: Sequence[VQARecord], predictions: dict[str, str], out_dir: Path, suites, candidates,
+                     settings: dict) -> dict:
     rows = [{"id": r.id, "question": r.question, "gt": r.answer, "prediction": predictions[r.id],
              "answer_type": r.answer_type, "image": r.image, **_groups(r)} for r in records]
     _write_jsonl(out_dir / "answers.jsonl", rows)
     items = [Item(r.id, predictions[r.id], r.answer, r.answer_type, _groups(r)) for r in records]
     result = evaluate_items(items, suites, candidates)
-    result["settings"] = {"closed_mode": closed_mode, "option_suffix": option_suffix, "batch_size": batch_size,
-                          "max_new_tokens": max_new_tokens, "questions": len(records)}
+    result["settings"] = settings
     _write_json(out_dir / "metrics.json", result)
     (out_dir / "report.md").write_text(f"# VQA evaluation\n\n{format_table(result, suites)}\n")
     return result
@@ -120,60 +158,7 @@ def likelihood_choice(bundle, questions: Sequence[str], images: Sequence, option
 
 
 # ------------------------------------------------------------------------------------ re-scoring files
-class ScoreInputError(ValueError):
-    """Prediction and ground-truth files that cannot be matched; the message names the ids."""
-
-
-def read_predictions(path: str | Path) -> dict[str, str]:
-    """``question_id``/``text`` (LLaVA-Med answer files) or ``id``/``prediction`` (ours), keyed by id."""
-    predictions = {}
-    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        item = json.loads(line)
-        key = item.get("question_id", item.get("id"))
-        text = item.get("text", item.get("prediction"))
-        if key is None or text is None:
-            raise ScoreInputError(f"{path}:{line_no}: expected question_id+text (LLaVA-Med) or id+prediction (medvlm)")
-        predictions[str(key)] = str(text)
-    return predictions
-
-
-def read_ground_truth(path: str | Path) -> list[Item]:
-    """LLaVA-Med's test JSON (``id``, ``conversations``, ``answer_type``) or our answers.jsonl."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return [Item(str(r["id"]), "", str(r["gt"]), str(r["answer_type"]).lower(),
-                     {k: r[k] for k in GROUP_KEYS if k in r}) for r in rows]
-    items = []
-    for record in json.loads(text):
-        turns = record.get("conversations") or record.get("conversatons")
-        kind = str(record.get("answer_type", "")).upper()
-        if kind not in ("OPEN", "CLOSED"):
-            continue  # LLaVA-Med's script ignores other types too
-        items.append(Item(str(record["id"]), "", str(turns[1]["value"]), kind.lower()))
-    return items
-
-
-def score_files(pred_path: str | Path, gt_path: str | Path, candidates_path: str | Path | None = None,
-                suites: Sequence[str] = SUITES) -> dict:
-    predictions = read_predictions(pred_path)
-    truth = read_ground_truth(gt_path)
-    truth_ids = {i.id for i in truth}
-    missing = [i.id for i in truth if i.id not in predictions]
-    extra = [k for k in predictions if k not in truth_ids]
-    if missing or extra:
-        raise ScoreInputError(f"ids do not match: missing predictions for {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-                              f"predictions for unknown ids {extra[:5]}{'…' if len(extra) > 5 else ''}")
-    for item in truth:
-        item.prediction = predictions[item.id]
-    candidates = None
-    if candidates_path:
-        data = json.loads(Path(candidates_path).read_text(encoding="utf-8"))
-        candidates = data["0"] if isinstance(data, dict) else data
-    return evaluate_items(truth, suites, candidates, by_group=False)
+from .rescore import ScoreInputError, read_ground_truth, read_json_lines, read_predictions, score_files  # noqa: E402,F401
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, suites: Sequence[str] = SUITES) -> dict:
@@ -188,8 +173,7 @@ def _answers_as_items(run: str | Path) -> list[Item]:
     path = run if run.is_file() else run / "answers.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no answers.jsonl (pass an eval output folder or its answers.jsonl)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Item(str(r["id"]), r["prediction"], r["gt"], r["answer_type"]) for r in rows]
+    return [Item(str(r["id"]), r["prediction"], r["gt"], r["answer_type"]) for _, r in read_json_lines(path)]
 
 
 def format_comparison(result: dict) -> str:

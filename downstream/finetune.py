@@ -42,7 +42,9 @@ def finetune(dataset: str, root: str | Path, model: dict, output_dir: str | Path
                 **(base or {})}
     settings.update(model=model, output_dir=str(output_dir), data=[{"path": str(data), "images": str(image_root)}])
     config = from_dict(StageConfig, apply_overrides(settings, overrides or []))
+    length = (f"{config.max_steps} steps (max_steps overrides epochs)" if config.max_steps
+              else f"{config.epochs:g} epochs")
     print(f"finetune {dataset}: {info['questions']} training questions ({info['layout']}), "
-          f"{config.epochs:g} epochs; skipped {info['skipped'] or 'none'}")
+          f"{length}; skipped {info['skipped'] or 'none'}")
     return train_stage(config)
 

@@ -127,6 +127,23 @@ def llava_closed_hit(prediction: str, reference: str, drop_wrong_yes_no: bool = 
     return 0.0
 
 
+class ScoreInputError(ValueError):
+    """Files to score that cannot be read or matched; the message names the file, line or ids."""
+
+
+def read_candidates(path: str | Path) -> list[str]:
+    """LLaVA-Med's candidate file (``{"0": [answer, ...]}``, e.g. ``train_open_answers.json``) or a plain JSON
+    list, in file order: open accuracy breaks ties towards the earlier candidate, as the script does."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ScoreInputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); expected {{\"0\": [answers]}}") from exc
+    values = data.get("0") if isinstance(data, dict) else data
+    if not isinstance(values, list):
+        raise ScoreInputError(f"{path}: expected a candidate file {{\"0\": [answers]}} or a JSON list of answers")
+    return [str(v) for v in values]
+
+
 # ------------------------------------------------------------------------------------ strict
 _STRICT_PUNCT = re.compile(r"[^\w\s]")
 
@@ -170,8 +187,8 @@ def per_question_scores(items: Sequence[Item], suite: str, candidates: Sequence[
     """Metric name → per-question values (``None`` = not counted), aligned with ``items``."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
-    if candidates is None:
-        candidates = sorted({i.answer for i in items})
+    if candidates is None:  # the answers themselves, in question order (ties go to the earlier one, as in a file)
+        candidates = list(dict.fromkeys(i.answer for i in items))
     scores: dict[str, list] = defaultdict(list)
     for item in items:
         closed = item.answer_type == "closed"

@@ -77,3 +77,174 @@ def test_deepspeed_zero2_and_zero3_match_single_process(tmp_path, colour_set):
     assert len(curves["plain"]) == 4
     for name in ("zero2", "zero3"):
         assert all(abs(a - b) < 1e-3 for a, b in zip(curves["plain"], curves[name])), (name, curves)
+
+
+# ------------------------------------------------------------------------------------ user errors: one line, a code each
+def _score_files(tmp_path, answer_lines):
+    import json
+
+    gt = [{"id": "q1", "image": "a.jpg", "answer_type": "CLOSED",
+           "conversations": [{"from": "human", "value": "<image>\nNormal?"}, {"from": "gpt", "value": "yes"}]}]
+    (tmp_path / "test.json").write_text(json.dumps(gt))
+    (tmp_path / "answers.jsonl").write_text("".join(line + "\n" for line in answer_lines))
+    return ["eval", "score", "--pred", str(tmp_path / "answers.jsonl"), "--gt", str(tmp_path / "test.json")]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("medvlm: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_bad_answer_line_names_file_and_line(tmp_path, capsys):
+    from medvlm.cli.errors import BAD_INPUT
+
+    argv = _score_files(tmp_path, ['{"question_id": "q0", "text": "no"}', '{"question_id": "q1", "text": "ye'])
+    assert main(argv) == BAD_INPUT
+    assert f"{tmp_path / 'answers.jsonl'}:2: not valid JSON" in _one_error_line(capsys)
+
+
+def test_unmatched_ids_are_a_score_input_error(tmp_path, capsys):
+    from medvlm.cli.errors import BAD_INPUT
+
+    assert main(_score_files(tmp_path, ['{"question_id": "q9", "text": "yes"}'])) == BAD_INPUT
+    err = _one_error_line(capsys)
+    assert "missing predictions for ['q1']" in err and "unknown ids ['q9']" in err
+
+
+def test_wrong_split_is_a_usage_error(tmp_path, capsys):
+    from downstream.synthetic import write_vqa_rad_original
+    from medvlm.cli.errors import USAGE
+    from tests.test_downstream import _items
+
+    write_vqa_rad_original(tmp_path / "rad", _items())
+    assert main(["eval", "--model", str(tmp_path / "none"), "--dataset", "vqa-rad", "--root", str(tmp_path / "rad"),
+                 "--split", "validation"]) == USAGE
+    assert "VQA-RAD has splits train and test" in _one_error_line(capsys)
+
+
+def test_a_refused_run_is_a_run_failure(tmp_path, capsys, monkeypatch):
+    from medvlm.cli.errors import RUN_FAILED
+
+    monkeypatch.delenv("MEDVLM_TEST_KEY", raising=False)
+    assert main(["ingest", "instruct", "--pairs", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--api-key-env", "MEDVLM_TEST_KEY"]) == RUN_FAILED
+    assert "set MEDVLM_TEST_KEY" in _one_error_line(capsys)
+
+
+def test_unwritable_output_folder_is_a_filesystem_error(tmp_path, capsys, monkeypatch):
+    from medvlm.cli.errors import FILESYSTEM
+
+    monkeypatch.setenv("MEDVLM_TEST_KEY", "k")
+    (tmp_path / "a_file").write_text("")
+    argv = ["ingest", "instruct", "--pairs", str(tmp_path), "--api-key-env", "MEDVLM_TEST_KEY", "--out"]
+    assert main(argv + [str(tmp_path / "a_file" / "out")]) == FILESYSTEM       # a file where a folder must go
+    assert f"cannot access {tmp_path / 'a_file' / 'out'}" in _one_error_line(capsys)
+
+
+def test_read_only_output_folder_is_a_filesystem_error(tmp_path, capsys, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from medvlm.cli.errors import FILESYSTEM
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setenv("MEDVLM_TEST_KEY", "k")
+    monkeypatch.setattr(Path, "mkdir", read_only)   # tests run as root, where chmod cannot make a folder read-only
+    assert main(["ingest", "instruct", "--pairs", str(tmp_path), "--api-key-env", "MEDVLM_TEST_KEY",
+                 "--out", str(tmp_path / "out")]) == FILESYSTEM
+    err = _one_error_line(capsys)
+    assert "Read-only file system" in err and "choose an output folder you can write to" in err
+
+
+def test_debug_adds_the_traceback(tmp_path, capsys):
+    argv = _score_files(tmp_path, ['{"question_id": "q1", "text": "ye'])
+    main(argv + ["--debug"])
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("medvlm: error: ")
+
+
+def test_an_unexpected_error_asks_for_the_debug_traceback(monkeypatch, capsys):
+    from medvlm.cli import evaluate
+    from medvlm.cli.errors import BUG
+
+    def broken(args):
+        raise TypeError("internal mistake")
+
+    monkeypatch.setattr(evaluate, "run_score", broken)
+    assert main(["eval", "score", "--pred", "p", "--gt", "g"]) == BUG
+    assert "rerun with --debug" in _one_error_line(capsys)
+
+
+def test_exit_codes_are_distinct_and_documented():
+    from pathlib import Path
+
+    from medvlm.cli import errors
+
+    codes = [errors.OK, errors.BUG, errors.USAGE, errors.INTERRUPTED, errors.BAD_INPUT, errors.FILESYSTEM,
+             errors.RUN_FAILED]
+    assert len(set(codes)) == len(codes) == len(errors.EXIT_CODES)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for code in codes:
+        assert f"| {code} |" in readme
+
+
+# ------------------------------------------------------------------------------------ help
+def _help(capsys, *argv) -> str:
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_defaults(capsys):
+    pmc = _help(capsys, "ingest", "pmc")
+    assert "parser processes (default: 1)" in pmc and "(default: 20)" in pmc and "(default: 4000)" in pmc
+    instruct = _help(capsys, "ingest", "instruct")
+    assert "seconds per request (default: 120.0)" in instruct and "(default: 6)" in instruct
+
+
+def test_eval_score_help_is_its_own(capsys):
+    text = _help(capsys, "eval", "score")
+    assert "--pred" in text and "--gt" in text
+    assert "--model" not in text and "--batch-size" not in text and "--pairs" not in text
+
+
+def test_printed_paths_have_no_double_slash(tmp_path, monkeypatch, capsys):
+    from pmc_ingest import pairs
+
+    class Report:
+        shards = ["x"]
+
+        def summary(self):
+            return "1 article"
+
+    monkeypatch.setattr(pairs, "ingest_pmc", lambda inputs, out, options: Report())
+    assert main(["ingest", "pmc", str(tmp_path), "--out", f"{tmp_path}/pairs/"]) == 0
+    out = capsys.readouterr().out
+    assert "//" not in out and f"{tmp_path / 'pairs' / 'pairs-*.parquet'}" in out
+
+
+def test_finetune_with_max_steps_does_not_claim_nine_epochs(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from downstream import finetune
+    from downstream.synthetic import write_vqa_rad_original
+    from tests.test_downstream import _items
+
+    write_vqa_rad_original(tmp_path / "rad", _items())
+    seen = {}
+
+    def fake_train(config):
+        seen["config"] = config
+        return SimpleNamespace(checkpoint=tmp_path / "ft" / "checkpoint", output_dir=tmp_path / "ft")
+
+    monkeypatch.setattr(finetune, "train_stage", fake_train)
+    assert main(["finetune", "--dataset", "vqa-rad", "--root", str(tmp_path / "rad"), "--model", "m",
+                 "--out", str(tmp_path / "ft"), "--set", "max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert seen["config"].max_steps == 3
+    assert "3 steps (max_steps overrides epochs)" in out and "9 epochs" not in out

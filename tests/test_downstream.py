@@ -198,6 +198,56 @@ def test_eval_score_names_a_missing_id(tmp_path):
         score_files(pred, gt)
 
 
+def _with_repeated_id(tmp_path, answer_texts):
+    """q1 asked twice (two different closed questions under one id), answered in file order."""
+    pred, gt, _ = _llava_med_files(tmp_path)
+    records = json.loads(gt.read_text())
+    records.append({**records[0], "conversations": [records[0]["conversations"][0], {"from": "gpt", "value": "yes"}]})
+    gt.write_text(json.dumps(records))
+    lines = [json.loads(line) for line in pred.read_text().splitlines()]
+    lines = [row for row in lines if row["question_id"] != "q1"]
+    lines += [{"question_id": "q1", "text": text} for text in answer_texts]
+    pred.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    return pred, gt
+
+
+def test_eval_score_pairs_a_repeated_id_by_occurrence(tmp_path):
+    from downstream.evaluate import score_files
+
+    pred, gt = _with_repeated_id(tmp_path, ["no", "yes"])     # 1st q1 (gt no) ← "no", 2nd q1 (gt yes) ← "yes"
+    result = score_files(pred, gt)
+    assert result["suites"]["strict"]["closed_accuracy"] == round(100 * 2 / 3, 2)   # q3 answered "No." is wrong
+    assert result["suites"]["strict"]["n_closed"] == 3
+    assert result["repeated_ids"]["ids"] == ["q1"]
+
+
+def test_eval_score_refuses_a_repeated_answer_for_one_question(tmp_path):
+    from downstream.evaluate import ScoreInputError, score_files
+
+    pred, gt, _ = _llava_med_files(tmp_path)
+    with open(pred, "a") as fh:
+        fh.write(json.dumps({"question_id": "q2", "text": "right lung"}) + "\n")   # last-one-wins would score this
+    with pytest.raises(ScoreInputError, match=r"repeated ids with unequal counts \['q2 \(2 answers, 1 questions\)'\]"):
+        score_files(pred, gt)
+
+
+def test_candidate_file_order_breaks_ties(tmp_path):
+    from downstream.metrics import read_candidates
+
+    items = [Item("1", "lung", "left lung", "open")]              # covers both candidates equally well
+    path = tmp_path / "candidates.json"
+    path.write_text(json.dumps({"0": ["right lung", "left lung"]}))
+    assert summarize(items, "llava_med", read_candidates(path))["open_candidate_accuracy"] == 0.0
+    path.write_text(json.dumps({"0": ["left lung", "right lung"]}))
+    assert summarize(items, "llava_med", read_candidates(path))["open_candidate_accuracy"] == 100.0
+
+
+def test_default_candidates_are_the_answers_in_question_order():
+    items = [Item("1", "lung", "right lung", "open"), Item("2", "left", "left lung", "open")]
+    # "lung" ties both answers: sorted candidates would pick "left lung" (wrong); question order picks "right lung"
+    assert summarize(items, "llava_med")["open_candidate_accuracy"] == 100.0
+
+
 def test_tiny_model_finetunes_and_evaluates_end_to_end(tmp_path):
     from downstream.evaluate import evaluate_model
     from downstream.finetune import finetune

@@ -1,24 +1,24 @@
 """Build the ``medvlm`` parser from the command-group modules and run the chosen handler.
 
-A user error (bad config, missing file, unreadable data) is printed as one line on stderr with a
-non-zero exit code instead of a traceback.
+A user error ends the command with one line on stderr and an exit code per kind of error
+(``medvlm.cli.errors``); ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
-from medvlm.cli import chat, curriculum, demo, evaluate, finetune, ingest, train
+from medvlm.cli import chat, curriculum, demo, errors, evaluate, finetune, ingest, train
+from medvlm.cli.options import CommandParser
 
 GROUPS = (train, chat, ingest, finetune, evaluate, demo, curriculum)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medvlm", description="LLaVA-style vision-language models for biomedicine.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="medvlm", description="LLaVA-style vision-language models for biomedicine.",
+                           epilog="exit codes: " + "; ".join(f"{code} {text}" for code, text in errors.EXIT_CODES.items()))
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for group in GROUPS:
         group.register(sub)
@@ -28,18 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not hasattr(args, "handler"):
         parser.print_help()
-        return 2
-    from medvlm.config import ConfigError
-    from medvlm.data import DataError
-    from medvlm.imaging import ImageLoadError
-
+        return errors.USAGE
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, DataError, ImageLoadError, FileNotFoundError) as exc:
-        print(f"medvlm: error: {exc}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line and an exit code
+        return errors.report(exc, debug, sys.stderr)

@@ -38,7 +38,7 @@ def run_curriculum(args) -> int:
     from curricula.runner import run_curriculum as run
 
     name = load_curriculum(args.file, args.overrides).get("name", Path(args.file).stem)
-    run_dir = args.run_dir or f"runs/{name}"
+    run_dir = Path(args.run_dir or f"runs/{name}")
     run(args.file, run_dir, args.overrides, only=args.only, from_stage=args.from_stage, base_dir=args.base_dir)
     print(f"run directory: {run_dir} (manifest.json, summary.json, stages/)")
     return 0

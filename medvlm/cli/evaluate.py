@@ -1,65 +1,92 @@
-"""``medvlm eval``: evaluate a checkpoint on a VQA split, compare runs, re-score files, check leakage."""
+"""``medvlm eval``: evaluate a checkpoint on a VQA split; ``eval score`` re-scores prediction files,
+``eval compare`` compares two evaluations, ``eval leakage`` looks for images shared between splits."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from medvlm.cli.errors import UsageError
+
 
 def register(sub) -> None:
+    from downstream.datasets import DATASETS
+    from downstream.metrics import SUITES
+
     evaluate = sub.add_parser("eval", help="evaluate on a VQA split; `eval score` re-scores files; `eval leakage`",
                               description="medvlm eval --model CKPT --dataset slake --root DIR | "
-                                          "medvlm eval --compare RUN_A RUN_B | medvlm eval score --pred P --gt G | "
+                                          "medvlm eval score --pred P --gt G | medvlm eval compare RUN_A RUN_B | "
                                           "medvlm eval leakage --dataset vqa-rad --root DIR")
-    evaluate.add_argument("action", nargs="?", choices=["score", "leakage"], help="score: re-score prediction files")
     evaluate.add_argument("--model", help="checkpoint folder")
-    evaluate.add_argument("--dataset", choices=["vqa-rad", "slake", "pathvqa"])
+    evaluate.add_argument("--dataset", choices=DATASETS)
     evaluate.add_argument("--root", help="data set folder or LLaVA-Med JSON")
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--lang", default="en")
+    evaluate.add_argument("--lang", default="en", help="SLAKE question language: en, zh or all")
     evaluate.add_argument("--out", help="output folder (default: runs/eval-DATASET-SPLIT)")
-    evaluate.add_argument("--suite", action="append", choices=["llava_med", "llava_med_2023", "strict"])
+    evaluate.add_argument("--suite", action="append", choices=SUITES, help="metric suite (repeatable; default: all)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--max-new-tokens", type=int, default=32)
     evaluate.add_argument("--closed-mode", choices=["generate", "likelihood"], default="generate")
     evaluate.add_argument("--option-suffix", action="store_true", help="add LLaVA-Med's yes/no option suffix to closed questions")
     evaluate.add_argument("--feature-cache", help="folder to keep vision features in across evaluations")
     evaluate.add_argument("--candidates", help="LLaVA-Med candidate file {\"0\": [...]} for open accuracy")
-    evaluate.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two eval outputs")
-    evaluate.add_argument("--pred", help="(score) predictions: LLaVA-Med answer file or medvlm answers.jsonl")
-    evaluate.add_argument("--gt", help="(score) ground truth: LLaVA-Med test JSON or medvlm answers.jsonl")
-    evaluate.add_argument("--json", action="store_true", help="(score) print one JSON object")
-    evaluate.add_argument("--pairs", help="(leakage) a pmc_ingest pairs folder to check against the test split")
+    evaluate.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="same as `eval compare RUN_A RUN_B`")
     evaluate.set_defaults(handler=run_eval)
+    actions = evaluate.add_subparsers(title="eval commands", metavar="ACTION")
+    _register_score(actions, SUITES)
+    _register_compare(actions, SUITES)
+    _register_leakage(actions, DATASETS)
+
+
+def _register_score(actions, suites) -> None:
+    score = actions.add_parser("score", help="re-score prediction files (LLaVA-Med's formats or medvlm's)")
+    score.add_argument("--pred", required=True, help="predictions: LLaVA-Med answer file or medvlm answers.jsonl")
+    score.add_argument("--gt", required=True, help="ground truth: LLaVA-Med test JSON or medvlm answers.jsonl")
+    score.add_argument("--candidates", help="LLaVA-Med candidate file {\"0\": [...]} for open accuracy")
+    score.add_argument("--suite", action="append", choices=suites, help="metric suite (repeatable; default: all)")
+    score.add_argument("--json", action="store_true", help="print one JSON object")
+    score.set_defaults(handler=run_score)
+
+
+def _register_compare(actions, suites) -> None:
+    compare = actions.add_parser("compare", help="two evaluations of the same questions, paired-bootstrap differences")
+    compare.add_argument("runs", nargs=2, metavar="RUN", help="eval output folder or its answers.jsonl")
+    compare.add_argument("--suite", action="append", choices=suites, help="metric suite (repeatable; default: all)")
+    compare.set_defaults(handler=run_compare)
+
+
+def _register_leakage(actions, datasets) -> None:
+    leakage = actions.add_parser("leakage", help="exact and near-duplicate images between a test split and training data")
+    leakage.add_argument("--dataset", required=True, choices=datasets)
+    leakage.add_argument("--root", required=True, help="data set folder or LLaVA-Med JSON")
+    leakage.add_argument("--lang", default="en", help="SLAKE question language: en, zh or all")
+    leakage.add_argument("--pairs", help="a pmc_ingest pairs folder to check against the test split "
+                                         "(default: the data set's own train split)")
+    leakage.add_argument("--out", help="write the full report as JSON here")
+    leakage.set_defaults(handler=run_leakage)
+
+
+def _suites(args) -> list[str]:
+    from downstream.metrics import SUITES
+
+    return args.suite or list(SUITES)
 
 
 def run_eval(args) -> int:
-    from downstream import evaluate as ev
-    from downstream.metrics import SUITES, format_table
-
-    suites = args.suite or list(SUITES)
-    if args.action == "score":
-        if not (args.pred and args.gt):
-            raise SystemExit("medvlm eval score needs --pred and --gt")
-        result = ev.score_files(args.pred, args.gt, args.candidates, suites)
-        print(json.dumps(result) if args.json else format_table(result, suites))
-        return 0
-    if args.action == "leakage":
-        return run_leakage(args)
     if args.compare:
-        print(ev.format_comparison(ev.compare_runs(*args.compare, suites=suites)))
-        return 0
+        args.runs = args.compare
+        return run_compare(args)
     if not (args.model and args.dataset and args.root):
-        raise SystemExit("medvlm eval needs --model, --dataset and --root (or --compare, or the score action)")
+        raise UsageError("medvlm eval needs --model, --dataset and --root (or one of: eval score, eval compare, eval leakage)")
+    from downstream import evaluate as ev
     from downstream.datasets import load_vqa
+    from downstream.metrics import format_table, read_candidates
     from medvlm.model import load_checkpoint
 
+    suites = _suites(args)
     records, report = load_vqa(args.dataset, args.root, args.split, args.lang)
-    candidates = None
-    if args.candidates:
-        data = json.loads(open(args.candidates, encoding="utf-8").read())
-        candidates = data["0"] if isinstance(data, dict) else data
-    out = args.out or f"runs/eval-{args.dataset}-{args.split}"
+    candidates = read_candidates(args.candidates) if args.candidates else None
+    out = Path(args.out or f"runs/eval-{args.dataset}-{args.split}")
     result = ev.evaluate_model(load_checkpoint(args.model), records, out, suites, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, closed_mode=args.closed_mode,
                                option_suffix=args.option_suffix, candidates=candidates,
@@ -67,7 +94,28 @@ def run_eval(args) -> int:
     print(format_table(result, suites))
     if report.skipped:
         print(f"skipped: {dict(report.skipped)}")
-    print(f"answers: {out}/answers.jsonl\nmetrics: {out}/metrics.json\nreport: {out}/report.md")
+    print(f"answers: {out / 'answers.jsonl'}\nmetrics: {out / 'metrics.json'}\nreport: {out / 'report.md'}")
+    return 0
+
+
+def run_score(args) -> int:
+    from downstream.evaluate import score_files
+    from downstream.metrics import format_table
+
+    suites = _suites(args)
+    result = score_files(args.pred, args.gt, args.candidates, suites)
+    print(json.dumps(result) if args.json else format_table(result, suites))
+    repeated = result.get("repeated_ids")
+    if repeated and not args.json:
+        print(f"note: {repeated['count']} question ids appear more than once (e.g. {repeated['ids'][:5]}); "
+              f"{repeated['rule']}")
+    return 0
+
+
+def run_compare(args) -> int:
+    from downstream.evaluate import compare_runs, format_comparison
+
+    print(format_comparison(compare_runs(*args.runs, suites=_suites(args))))
     return 0
 
 
@@ -80,7 +128,7 @@ def run_leakage(args) -> int:
         from pmc_ingest.pairs import load_pairs
 
         train_images = [str(Path(args.pairs) / p) for p in load_pairs(args.pairs)["image_path"]]
-        against = f"pairs table {args.pairs}"
+        against = f"pairs table {Path(args.pairs)}"
     else:
         train, _ = load_vqa(args.dataset, args.root, "train", args.lang)
         train_images, against = [r.image for r in train], "its train split"
@@ -91,5 +139,5 @@ def run_leakage(args) -> int:
         print(f"  {pair['test']}  ==  {pair['train']}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"report: {args.out}")
+        print(f"report: {Path(args.out)}")
     return 0

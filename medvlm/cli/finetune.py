@@ -6,8 +6,10 @@ from medvlm.cli.options import add_overrides
 
 
 def register(sub) -> None:
+    from downstream.datasets import DATASETS
+
     finetune = sub.add_parser("finetune", help="finetune on VQA-RAD / SLAKE / PathVQA (9 epochs by default)")
-    finetune.add_argument("--dataset", required=True, choices=["vqa-rad", "slake", "pathvqa"])
+    finetune.add_argument("--dataset", required=True, choices=DATASETS)
     finetune.add_argument("--root", required=True, help="the data set's folder (any supported layout) or a LLaVA-Med JSON")
     finetune.add_argument("--model", required=True, help="checkpoint folder to start from")
     finetune.add_argument("--out", help="output folder (default: runs/finetune-DATASET)")

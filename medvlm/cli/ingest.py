@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -22,10 +22,10 @@ def _register_pmc(steps) -> None:
                      help="allowed license (repeatable), e.g. --license 'CC BY' --license CC0")
     pmc.add_argument("--num-proc", type=int, default=1, help="parser processes")
     pmc.add_argument("--shard", help="i/n: process every n-th article starting at i (cluster array jobs)")
-    pmc.add_argument("--min-caption-chars", type=int, default=20)
-    pmc.add_argument("--max-caption-chars", type=int, default=4000)
-    pmc.add_argument("--min-image-side", type=int, default=64)
-    pmc.add_argument("--rows-per-shard", type=int, default=10_000)
+    pmc.add_argument("--min-caption-chars", type=int, default=20, help="skip figures with shorter captions")
+    pmc.add_argument("--max-caption-chars", type=int, default=4000, help="skip figures with longer captions")
+    pmc.add_argument("--min-image-side", type=int, default=64, help="skip images smaller than this (pixels)")
+    pmc.add_argument("--rows-per-shard", type=int, default=10_000, help="pairs per Parquet shard")
     pmc.set_defaults(handler=run_pmc)
 
 
@@ -35,8 +35,8 @@ def _register_alignment(steps) -> None:
     align.add_argument("--out", required=True, help="output JSON file")
     align.add_argument("--modality", action="append", help="keep only this modality tag (repeatable), e.g. CT")
     align.add_argument("--prompts", help="file of brief-description instructions, one per line")
-    align.add_argument("--seed", type=int, default=0)
-    align.add_argument("--limit", type=int)
+    align.add_argument("--seed", type=int, default=0, help="seed for choosing each pair's instruction")
+    align.add_argument("--limit", type=int, help="at most this many conversations")
     align.set_defaults(handler=run_alignment)
 
 
@@ -44,13 +44,13 @@ def _register_instruct(steps) -> None:
     instruct = steps.add_parser("instruct", help="pairs → GPT-written instruction conversations (any OpenAI-compatible URL)")
     instruct.add_argument("--pairs", required=True, help="the folder `medvlm ingest pmc` wrote")
     instruct.add_argument("--out", required=True, help="output folder: instruct.json, cache.jsonl, summary.json")
-    instruct.add_argument("--model", default="gpt-4o")
+    instruct.add_argument("--model", default="gpt-4o", help="model name the endpoint serves")
     instruct.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
     instruct.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
-    instruct.add_argument("--max-concurrency", type=int, default=8)
-    instruct.add_argument("--max-retries", type=int, default=6)
+    instruct.add_argument("--max-concurrency", type=int, default=8, help="requests in flight at once")
+    instruct.add_argument("--max-retries", type=int, default=6, help="retries of a rate-limited or failed request")
     instruct.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    instruct.add_argument("--temperature", type=float, default=0.7)
+    instruct.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     instruct.add_argument("--max-tokens", type=int, default=1024, help="completion tokens per request")
     instruct.add_argument("--no-mentions", dest="with_mentions", action="store_false",
                           help="leave the inline mentions out of the prompt (LLaVA-Med's 60K vs 60K-IM)")
@@ -58,9 +58,9 @@ def _register_instruct(steps) -> None:
     instruct.add_argument("--max-tokens-total", type=int, help="never send a request that could cross this many tokens")
     instruct.add_argument("--prices", dest="prices_file", help="USD per 1M tokens per model (default: prompts/prices.json)")
     instruct.add_argument("--modality", dest="modalities", action="append", help="only pairs with this modality tag")
-    instruct.add_argument("--limit", type=int)
+    instruct.add_argument("--limit", type=int, help="at most this many pairs")
     instruct.add_argument("--sample", type=int, help="a seeded random sample of this many pairs")
-    instruct.add_argument("--seed", type=int, default=0)
+    instruct.add_argument("--seed", type=int, default=0, help="seed of --sample")
     instruct.add_argument("--system-prompt", dest="system_file", help="replace prompts/instruct_system.txt")
     instruct.add_argument("--fewshot", dest="fewshot_file", help="replace prompts/instruct_fewshot.jsonl")
     instruct.add_argument("--dry-run", action="store_true", help="write the prompts (prompts.jsonl) and a token estimate")
@@ -75,8 +75,9 @@ def run_pmc(args) -> int:
                             shard=args.shard, oa_file_list=args.oa_file_list, rows_per_shard=args.rows_per_shard)
     report = ingest_pmc(args.inputs, args.out, options)
     print(report.summary())
-    print(f"pairs: {args.out}/pairs-*.parquet ({len(report.shards)} shard(s)); images: {args.out}/images; "
-          f"report: {args.out}/report*.json")
+    out = Path(args.out)
+    print(f"pairs: {out / 'pairs-*.parquet'} ({len(report.shards)} shard(s)); images: {out / 'images'}; "
+          f"report: {out / 'report*.json'}")
     return 0
 
 
@@ -85,15 +86,14 @@ def run_alignment(args) -> int:
 
     count = write_alignment(args.pairs, args.out, seed=args.seed, modalities=args.modality,
                             prompts_file=args.prompts, limit=args.limit)
-    print(f"{count} alignment conversations written to {args.out} (image paths relative to {args.pairs})")
+    print(f"{count} alignment conversations written to {Path(args.out)} (image paths relative to {Path(args.pairs)})")
     return 0
 
 
 def run_instruct(args) -> int:
     import dataclasses
-    from pathlib import Path
 
-    from pmc_ingest.instruct import InstructError, InstructOptions, dry_run, generate_instructions
+    from pmc_ingest.instruct import InstructOptions, dry_run, generate_instructions
 
     fields = {f.name for f in dataclasses.fields(InstructOptions)}
     options = InstructOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
@@ -103,11 +103,9 @@ def run_instruct(args) -> int:
         print(f"{info['requests']} prompts written to {out}; about {info['estimated_prompt_tokens']:,} prompt tokens, "
               f"at most {info['max_total_tokens']:,} tokens with replies")
         return 0
-    try:
-        summary = generate_instructions(args.pairs, args.out, options)
-    except InstructError as exc:
-        print(f"medvlm: error: {exc}", file=sys.stderr)
-        return 2
+    summary = generate_instructions(args.pairs, args.out, options)
+    out = Path(args.out)
     print(summary.text())
-    print(f"instruction data: {args.out}/instruct.json (images relative to {args.pairs}); cache: {args.out}/cache.jsonl")
+    print(f"instruction data: {out / 'instruct.json'} (images relative to {Path(args.pairs)}); "
+          f"cache: {out / 'cache.jsonl'}; summary: {out / 'summary.json'}")
     return 0

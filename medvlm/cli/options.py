@@ -1,8 +1,35 @@
-"""Options that several command groups share, defined once."""
+"""The parser class every ``medvlm`` (sub)command uses, and options several command groups share.
+
+``CommandParser`` shows each option's default in ``--help`` and accepts ``--debug`` / ``-v`` after any
+subcommand (``medvlm eval score ... --debug``), not only before it. ``add_subparsers`` makes nested
+parsers of the same class, so group modules get this without doing anything.
+"""
 
 from __future__ import annotations
 
 import argparse
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help when it has a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default in (None, False, argparse.SUPPRESS) or default == []
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+class CommandParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand's parser must not reset a flag given before the subcommand
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="print the full traceback on errors")
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level")
 
 
 def add_overrides(parser: argparse.ArgumentParser, help: str | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from medvlm.cli.errors import INTERRUPTED
 from medvlm.cli.options import add_overrides
 
 
@@ -20,6 +21,6 @@ def run_train(args) -> int:
     result = train_stage(config)
     if result.interrupted:
         print(f"interrupted; resume state in {result.checkpoint}. Run the same command again to resume.")
-        return 3
+        return INTERRUPTED
     print(f"checkpoint: {result.checkpoint}\nlog: {result.output_dir / 'log.jsonl'}\nmetrics: {result.output_dir / 'metrics.json'}")
     return 0
