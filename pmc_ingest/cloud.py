@@ -99,10 +99,10 @@ def article_skip_reason(metadata: dict | None, licenses: list[str] | None) -> st
 def normalise_license_code(code: str) -> str:
     """``cc by-nc`` / ``CC-BY-NC`` / ``CC BY-NC 4.0`` → ``CC BY-NC`` (what ``license_code`` holds)."""
     text = " ".join(code.strip().upper().replace("_", " ").split())
-    text = re.sub(r"\s*\d+(\.\d+)?$", "", text)                       # a version number
+    text = re.sub(r"\s+\d+(\.\d+)?$", "", text)                       # a version number: "CC BY 4.0"
     if text.startswith("CC-"):
         text = "CC " + text[3:]
-    return {"CC0 1": "CC0", "CC ZERO": "CC0", "CC 0": "CC0"}.get(text, text)
+    return {"CC ZERO": "CC0", "CC 0": "CC0"}.get(text, text)
 
 
 def license_from_metadata(metadata: dict) -> str | None:

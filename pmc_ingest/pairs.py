@@ -132,14 +132,14 @@ def process_package(package: ArticlePackage, options: IngestOptions, oa_entry: d
 
 
 def _process(package: ArticlePackage, options: IngestOptions, oa_entry: dict | None, result: ArticleResult) -> None:
-    from .cloud import metadata_fields
+    from .cloud import metadata_fields, normalise_license_code
 
     article = _parse(package, result)
     meta = metadata_fields(package.metadata)
     pmcid = _pmcid(article, meta, oa_entry, package, result)
     license = meta["license"] or (normalise_license(None, oa_entry["license"]) if oa_entry and oa_entry.get("license")
                                   else None) or article.license
-    allowed = options.licenses is None or license in options.licenses
+    allowed = options.licenses is None or license in {normalise_license_code(x) for x in options.licenses}
     for figure in article.figures:
         for index, href in enumerate(figure.graphics or [None]):
             result.figures += 1

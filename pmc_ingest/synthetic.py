@@ -121,3 +121,42 @@ def write_folder(spec: ArticleSpec, out_dir: str | Path) -> Path:
         if fig.graphic and fig.image is not None:
             (folder / f"{fig.graphic}{_SUFFIX[fig.image_format]}").write_bytes(_image_bytes(fig))
     return folder
+
+
+def cloud_metadata(pmcid: str, version: int, files: dict[str, bytes], bucket: str = "pmc-oa-opendata", **fields) -> dict:
+    """The metadata JSON PMC's Cloud Service keeps for an article version (fields as its AWS page lists;
+    every URL carries the object's MD5 as ``?md5=``). ``files`` are the version folder's files."""
+    import hashlib
+
+    name = f"{pmcid}.{version}"
+
+    def url(file: str) -> str:
+        return f"s3://{bucket}/{name}/{file}?md5={hashlib.md5(files[file]).hexdigest()}"
+
+    media = [url(f) for f in sorted(files) if not f.startswith(f"{name}.")]
+    data = {"pmcid": pmcid, "version": version, "pmid": None, "doi": None, "mid": None, "title": None,
+            "citation": None, "is_pmc_openaccess": True, "is_manuscript": False, "is_historical_ocr": False,
+            "is_retracted": False, "license_code": "CC BY",
+            "pdf_url": url(f"{name}.pdf") if f"{name}.pdf" in files else None, "xml_url": url(f"{name}.xml"),
+            "text_url": url(f"{name}.txt") if f"{name}.txt" in files else None, "media_urls": media}
+    data.update(fields)
+    return data
+
+
+def write_version_folder(root: str | Path, pmcid: str, version: int, files: dict[str, bytes], metadata: dict | None,
+                         sibling_metadata: bool = True) -> Path:
+    """``root/PMCID.N/`` with ``files`` (the XML as ``PMCID.N.xml``) and its metadata JSON both inside the
+    folder and, when ``sibling_metadata``, in ``root/metadata/`` — the PMC Cloud Service layout."""
+    import json
+
+    folder = Path(root) / f"{pmcid}.{version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    if metadata is not None:
+        text = json.dumps(metadata)
+        (folder / f"{folder.name}.json").write_text(text)
+        if sibling_metadata:
+            (Path(root) / "metadata").mkdir(exist_ok=True)
+            (Path(root) / "metadata" / f"{folder.name}.json").write_text(text)
+    return folder
