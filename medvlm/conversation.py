@@ -1,22 +1,23 @@
 """Chat templates and the conversion of a LLaVA conversation into token ids and labels.
 
-A conversation is the LLaVA list ``[{"from": "human"|"gpt", "value": str}, ...]``. A template turns it
-into *segments*: ``(text, is_target)`` pairs. Segments are tokenized one by one and concatenated, so
-the label mask is exact by construction (no re-tokenizing prefixes and hoping the lengths agree, which
-is where LLaVA's own masking breaks for tokenizers that merge across turn boundaries). ``<image>`` in a
-segment becomes ``num_image_tokens`` copies of the model's image token id, which is what
-``LlavaForConditionalGeneration`` scatters the projected vision features into.
+A conversation is the LLaVA list ``[{"from": "human"|"gpt", "value": str}, ...]``. Every template is
+defined once, as the Jinja chat template that is saved with checkpoints; training renders that same
+Jinja, so the prompt a model is trained on, the prompt medvlm evaluates with and the prompt a user gets
+from ``processor.apply_chat_template`` are one text. Labels come from the rendering itself: the text a
+reply adds after the generation prompt (``ASSISTANT:``, ``[/INST]``…) is the target span, and a token is
+a target when the last character it covers lies in a target span. The whole text is tokenized in one
+call, as LLaVA's ``preprocess_*`` do, so ids equal the reference ids (tests/test_templates_golden.py).
 
-Templates:
-- ``llava_v1`` (LLaVA-1.5 / LLaVA-Med ``vicuna_v1``): ``SYSTEM USER: q ASSISTANT: a</s>USER: ...``;
-  targets are each reply plus the end-of-sequence token.
-- ``plain`` (LLaVA stage-1 pretraining): the image tokens then the caption and ``\\n``; no system
-  prompt, the human text is dropped, the caption is the target.
-- ``chat_template``: the language model's own Jinja chat template (e.g. ChatML for SmolLM2/Qwen);
-  assistant spans are found by rendering the conversation prefix by prefix.
-
-Inference uses the same segmenter with ``add_generation_prompt=True`` so that the prompt a model sees
-at evaluation is token-for-token the prompt it was trained on.
+Templates (``TEMPLATES``; the reference each reproduces is in its ``source``):
+- ``vicuna_v1``: LLaVA-1.5 (``--version v1``) and LLaVA-Med v1.5 eval's default: ``SYS USER: q ASSISTANT: a</s>``.
+- ``llava_v1``: LLaVA's ``conv_llava_v1`` — the same shape with the "curious human" system wording.
+- ``v0``: LLaVA-Med v1.0.0 training (FastChat v0): ``SYS\\n\\n### Human: q\\n### Assistant: a\\n### ``;
+  the image stays where the record puts it, replies are trained together with the ``###`` that ends them.
+- ``simple``: LLaVA-Med v1.0.0 ``model_vqa_med`` evaluation: ``SYS###Human: Hi!###Assistant: Hi there!…``
+  one-shot, then ``Human: q###``; the model writes ``Assistant: a###`` itself.
+- ``mistral_instruct``: LLaVA-Med v1.5 (Mistral-7B-Instruct): ``[INST] q [/INST] a </s>``, empty system.
+- ``plain``: LLaVA stage-1 pretraining: the image, then the caption and ``\\n``.
+- ``chat_template``: the language model's own Jinja chat template (e.g. ChatML for SmolLM2/Qwen).
 """
 
 from __future__ import annotations
@@ -31,12 +32,118 @@ LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-TEMPLATES = ("llava_v1", "plain", "chat_template")
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 class ConversationError(ValueError):
     """A conversation record that cannot be turned into a training example."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """One chat format: its Jinja (``None``: the tokenizer's own) and how LLaVA places the image."""
+
+    name: str
+    jinja: str | None
+    image_first: bool = True          # LLaVA-1.5 moves <image> to the front ("<image>\n" + question)
+    stop_strings: tuple[str, ...] = ()  # besides EOS: text that ends a reply (the ``###`` of v0/simple)
+    answer_prefix: str = ""           # what a generated reply starts with, removed from answers
+    source: str = ""
+
+
+def _lit(text: str) -> str:
+    """``text`` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# Message content: a string (medvlm, LLaVA JSON) or HF parts ``[{"type": "image"}, {"type": "text", ...}]``
+# joined by "\n", so ``<image>`` then a question renders as LLaVA's ``<image>\nquestion``.
+_CONTENT = (
+    "{%- macro content(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
+    "{%- for part in m['content'] -%}{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>' }}{%- else -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+)
+
+
+def _system(default: str) -> str:
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = content(messages[0]) -%}"
+        "{%- set loop_messages = messages[1:] -%}{%- else -%}"
+        f"{{%- set system = {_lit(default)} -%}}{{%- set loop_messages = messages -%}}{{%- endif -%}}"
+    )
+
+
+def _two_sep_jinja(system: str) -> str:
+    """LLaVA's ``SeparatorStyle.TWO``: ``SYS USER: q ASSISTANT: a</s>USER: …`` (sep " ", sep2 EOS)."""
+    return _CONTENT + _system(system) + (
+        "{{ system + ' ' }}{%- for m in loop_messages -%}"
+        "{%- if m['role'] == 'user' -%}{{ 'USER: ' + content(m) + ' ' }}"
+        "{%- else -%}{{ 'ASSISTANT: ' + content(m) + eos_token }}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    )
+
+
+_V0_JINJA = _CONTENT + _system(LLAVA_V1_SYSTEM) + (
+    "{{ system + '\\n\\n' }}{%- for m in loop_messages -%}"
+    "{{ '### ' + ('Human' if m['role'] == 'user' else 'Assistant') + ': ' + content(m) + '\\n' }}"
+    "{%- endfor -%}{{ '### Assistant:' if add_generation_prompt else '### ' }}"
+)
+
+_SIMPLE_JINJA = _CONTENT + _system(LLAVA_V1_SYSTEM) + (
+    "{{ system + '###Human: Hi!###Assistant: Hi there!  How can I help you today?\\n###' }}"
+    "{%- for m in loop_messages -%}"
+    "{{ ('Human' if m['role'] == 'user' else 'Assistant') + ': ' + content(m) + '###' }}{%- endfor -%}"
+)
+
+_MISTRAL_INSTRUCT_JINJA = _CONTENT + _system("") + (
+    "{%- for m in loop_messages -%}{%- if m['role'] == 'user' -%}"
+    "{%- set text = content(m) -%}{%- if loop.first and system -%}"
+    "{%- set text = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + text -%}{%- endif -%}"
+    "{{ '[INST] ' + text + ' [/INST]' }}"
+    "{%- else -%}{{ ' ' + content(m) + ' ' + eos_token }}{%- endif -%}{%- endfor -%}"
+)
+
+_PLAIN_JINJA = _CONTENT + (
+    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+    "{{ '<image>' if '<image>' in content(m) else '' }}"
+    "{%- elif m['role'] == 'assistant' -%}{{ content(m) + '\\n' }}{%- endif -%}{%- endfor -%}"
+)
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in (
+    Template("vicuna_v1", _two_sep_jinja(VICUNA_V1_SYSTEM),
+             source="LLaVA-1.5 conv_vicuna_v1 (train --version v1; model_vqa --conv-mode vicuna_v1)"),
+    Template("llava_v1", _two_sep_jinja(LLAVA_V1_SYSTEM), source="LLaVA conv_llava_v1 ('curious human' wording)"),
+    Template("v0", _V0_JINJA, image_first=False, stop_strings=("###",),
+             source="LLaVA-Med v1.0.0 training (--version v0, conv_v1_2 roles, _add_speaker_and_signal)"),
+    Template("simple", _SIMPLE_JINJA, image_first=False, stop_strings=("###",), answer_prefix="Assistant:",
+             source="LLaVA-Med v1.0.0 model_vqa_med --conv-mode simple"),
+    Template("mistral_instruct", _MISTRAL_INSTRUCT_JINJA,
+             source="LLaVA-Med v1.5 conv_mistral_instruct (SeparatorStyle.LLAMA_2, empty system)"),
+    Template("plain", _PLAIN_JINJA, source="LLaVA stage-1 pretraining (conv_llava_plain)"),
+    Template("chat_template", None, source="the language model's own chat template"),
+)}
+
+
+def template_names() -> list[str]:
+    """The names accepted by ``template:`` in configs and ``--template`` on the command line."""
+    return list(TEMPLATES)
+
+
+def get_template(name: str) -> Template:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ConversationError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}") from None
+
+
+def chat_template_jinja(name: str) -> str | None:
+    """The Jinja saved with a checkpoint trained with template ``name`` (``None``: keep the LM's own)."""
+    return get_template(name).jinja
 
 
 @dataclass
@@ -67,83 +174,56 @@ def normalise_turns(conversations: Sequence[dict[str, Any]], record_id: str = "?
     return turns
 
 
-def segments(
+def render(
     template: str,
     turns: list[tuple[str, str]],
-    tokenizer: Any = None,
+    tokenizer: Any,
     add_generation_prompt: bool = False,
     system: str | None = None,
-) -> list[tuple[str, bool]]:
-    """Split a conversation into ``(text, is_target)`` segments for ``template``."""
-    if template == "llava_v1":
-        return _llava_v1_segments(turns, tokenizer, add_generation_prompt, system)
-    if template == "plain":
-        return _plain_segments(turns, add_generation_prompt)
-    if template == "chat_template":
-        return _chat_template_segments(turns, tokenizer, add_generation_prompt, system)
-    raise ConversationError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as text, and the character spans of the replies (the training targets).
 
-
-def _llava_v1_segments(turns, tokenizer, add_generation_prompt, system):
-    eos = tokenizer.eos_token if tokenizer is not None and tokenizer.eos_token else "</s>"
-    out: list[tuple[str, bool]] = []
-    prefix = (system if system is not None else LLAVA_V1_SYSTEM) + " "
-    for role, text in turns:
-        if role == "user":
-            out.append((f"{prefix}USER: {text} ASSISTANT:", False))
-            prefix = ""
-        else:
-            out.append((f" {text}{eos}", True))
-    if add_generation_prompt and turns[-1][0] == "assistant":
-        raise ConversationError("cannot add a generation prompt after an assistant turn")
-    return out
-
-
-def _plain_segments(turns, add_generation_prompt):
-    # LLaVA's pretraining format keeps only the image and the caption.
-    image = IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in turns[0][1] else ""
-    out = [(image, False)]
-    if not add_generation_prompt:
-        if len(turns) < 2:
-            raise ConversationError("the 'plain' template needs a human turn and a gpt turn (the caption)")
-        out.append((turns[1][1].strip() + "\n", True))
-    return out
-
-
-def _chat_template_segments(turns, tokenizer, add_generation_prompt, system):
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    Each reply's span is what rendering it adds after the generation prompt of the turn before, so the
+    spans are exactly what the model is asked to produce at inference."""
+    spec = get_template(template)
+    jinja = spec.jinja if spec.jinja is not None else getattr(tokenizer, "chat_template", None)
+    if not jinja:
         raise ConversationError("template 'chat_template' needs a tokenizer that has a chat_template")
-    messages = [{"role": "system", "content": system}] if system else []
-    out: list[tuple[str, bool]] = []
+    if spec.jinja is None and not system:
+        system = None
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    spans: list[tuple[int, int]] = []
     rendered = ""
     for role, text in turns:
-        if role == "user":
+        if role == "assistant":
+            before = _render(tokenizer, jinja, messages, True)
             messages.append({"role": role, "content": text})
-            continue
-        before = _render(tokenizer, messages, add_generation_prompt=True)
-        messages.append({"role": role, "content": text})
-        after = _render(tokenizer, messages, add_generation_prompt=False)
-        _check_prefix(before, rendered, tokenizer)
-        _check_prefix(after, before, tokenizer)
-        out.append((before[len(rendered):], False))
-        out.append((after[len(before):], True))
-        rendered = after
+            after = _render(tokenizer, jinja, messages, False)
+            _check_prefix(before, rendered, template)
+            _check_prefix(after, before, template)
+            spans.append((len(before), len(after)))
+            rendered = after
+        else:
+            messages.append({"role": role, "content": text})
+    if add_generation_prompt and turns[-1][0] == "assistant":
+        raise ConversationError("cannot add a generation prompt after an assistant turn")
     if turns[-1][0] == "user":
-        tail = _render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
-        _check_prefix(tail, rendered, tokenizer)
-        out.append((tail[len(rendered):], False))
-    return out
+        rendered_tail = _render(tokenizer, jinja, messages, add_generation_prompt)
+        _check_prefix(rendered_tail, rendered, template)
+        rendered = rendered_tail
+    return rendered, spans
 
 
-def _render(tokenizer, messages, add_generation_prompt):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, jinja: str, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
-def _check_prefix(text: str, prefix: str, tokenizer) -> None:
+def _check_prefix(text: str, prefix: str, template: str) -> None:
     if not text.startswith(prefix):
         raise ConversationError(
-            f"the chat template of {getattr(tokenizer, 'name_or_path', 'this tokenizer')} renders earlier turns "
-            "differently once later turns exist, so assistant spans cannot be located; use template llava_v1"
+            f"template {template!r} renders earlier turns differently once later turns exist, so reply spans "
+            "cannot be located; use one of " + ", ".join(n for n, t in TEMPLATES.items() if t.jinja)
         )
 
 
@@ -159,32 +239,57 @@ def encode(
     add_generation_prompt: bool = False,
 ) -> Encoded:
     """Token ids and labels (``IGNORE_INDEX`` outside assistant replies) for one conversation."""
+    spec = get_template(template)
     turns = normalise_turns(conversations, record_id)
     if has_image:
-        turns = _move_image_to_front(turns, record_id)
+        turns = _place_image(turns, record_id, spec.image_first)
     elif any(IMAGE_PLACEHOLDER in text for _, text in turns):
         raise ConversationError(f"record {record_id}: has '<image>' in its text but no 'image' field")
     if add_generation_prompt and turns[-1][0] == "assistant":
         turns = turns[:-1]
-    input_ids = list(_special_prefix_ids(tokenizer))
-    labels = [IGNORE_INDEX] * len(input_ids)
+    text, spans = render(template, turns, tokenizer, add_generation_prompt, system)
+    ids, labels = tokenize_with_labels(text, spans, tokenizer)
+    if ids.count(image_token_id) != text.count(IMAGE_PLACEHOLDER):
+        raise ConversationError(f"the tokenizer does not turn {IMAGE_PLACEHOLDER!r} into the image token id")
+    return _expand_images(ids, labels, image_token_id, num_image_tokens)
+
+
+def tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Tokenize ``text`` in one call (plus the tokenizer's own BOS); label tokens that end inside a span."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConversationError(f"{type(tokenizer).__name__}: training needs a fast tokenizer (token offsets)")
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    bos = [] if tokenizer.bos_token and text.startswith(tokenizer.bos_token) else _special_prefix_ids(tokenizer)
+    ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+    span_iter, k = sorted(spans), 0
+    for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+        last = max(start, end - 1)
+        while k < len(span_iter) and span_iter[k][1] <= last:
+            k += 1
+        target = k < len(span_iter) and span_iter[k][0] <= last < span_iter[k][1] and end > start
+        ids.append(token_id)
+        labels.append(token_id if target else IGNORE_INDEX)
+    return ids, labels
+
+
+def _expand_images(ids: list[int], labels: list[int], image_token_id: int, num_image_tokens: int) -> Encoded:
+    out_ids: list[int] = []
+    out_labels: list[int] = []
     num_images = 0
-    for text, is_target in segments(template, turns, tokenizer, add_generation_prompt, system):
-        pieces = text.split(IMAGE_PLACEHOLDER)
-        for j, piece in enumerate(pieces):
-            if j > 0:
-                input_ids.extend([image_token_id] * num_image_tokens)
-                labels.extend([IGNORE_INDEX] * num_image_tokens)
-                num_images += 1
-            if piece:
-                ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
-                input_ids.extend(ids)
-                labels.extend(ids if is_target else [IGNORE_INDEX] * len(ids))
-    return Encoded(input_ids=input_ids, labels=labels, num_images=num_images)
+    for token_id, label in zip(ids, labels):
+        if token_id == image_token_id:
+            out_ids.extend([image_token_id] * num_image_tokens)
+            out_labels.extend([IGNORE_INDEX] * num_image_tokens)
+            num_images += 1
+        else:
+            out_ids.append(token_id)
+            out_labels.append(label)
+    return Encoded(input_ids=out_ids, labels=out_labels, num_images=num_images)
 
 
-def _move_image_to_front(turns: list[tuple[str, str]], record_id: str) -> list[tuple[str, str]]:
-    """LLaVA puts ``<image>`` first or last in the first human turn; normalise to ``<image>\\n`` first."""
+def _place_image(turns: list[tuple[str, str]], record_id: str, front: bool) -> list[tuple[str, str]]:
+    """Check the record has one ``<image>``, in the first human turn; LLaVA-1.5 templates move it to the
+    front (``<image>\\n`` + text, as its ``preprocess_multimodal``), v0/simple keep it where it is."""
     count = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
     if count > 1:
         raise ConversationError(
@@ -196,18 +301,26 @@ def _move_image_to_front(turns: list[tuple[str, str]], record_id: str) -> list[t
         raise ConversationError(
             f"record {record_id}: has an 'image' but no '<image>' token; put '<image>' in the first human turn"
         )
+    if not front:
+        return turns
     first = turns[0][1].replace(IMAGE_PLACEHOLDER, "").strip()
     return [("user", f"{IMAGE_PLACEHOLDER}\n{first}")] + turns[1:]
 
 
 def _special_prefix_ids(tokenizer: Any) -> list[int]:
     """The ids the tokenizer itself prepends (e.g. Llama's BOS); empty for tokenizers that add none."""
-    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer("a", add_special_tokens=True)["input_ids"])
     bos = tokenizer.bos_token_id
     return [bos] if bos is not None and ids[:1] == [bos] else []
 
 
-def prompt_messages(question: str, has_image: bool) -> list[dict[str, str]]:
-    """A single-turn LLaVA conversation for inference (the same shape downstream finetuning uses)."""
-    value = f"{IMAGE_PLACEHOLDER}\n{question}" if has_image else question
+def prompt_messages(question: str, has_image: bool, image_first: bool = True) -> list[dict[str, str]]:
+    """A single-turn LLaVA conversation for inference and finetuning: ``<image>\\nq`` or ``q\\n<image>``
+    (LLaVA-Med v1.0.0's ``model_vqa_med`` puts the question first)."""
+    if not has_image:
+        value = question
+    elif image_first:
+        value = f"{IMAGE_PLACEHOLDER}\n{question}"
+    else:
+        value = f"{question}\n{IMAGE_PLACEHOLDER}"
     return [{"from": "human", "value": value}]

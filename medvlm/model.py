@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .conversation import chat_template_jinja
+
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
@@ -34,25 +36,8 @@ PROJECTOR_FILE = "mm_projector.safetensors"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAINABLE_PARTS = ("projector", "llm", "lora", "vision")
 
-LLAVA_V1_JINJA = (
-    "{%- set system = 'A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human\\'s questions.' -%}"
-    "{{ system }}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ ' USER: ' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ ' ASSISTANT:' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{%- if message['content'] is string -%}{{ ' ' + message['content'] }}"
-    "{%- else -%}{{ ' ' + message['content'][0]['text'] }}{%- endif -%}"
-    "{{ eos_token if eos_token is defined else '</s>' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
+# The Jinja saved with checkpoints is the template definition training renders (medvlm.conversation).
+LLAVA_V1_JINJA = chat_template_jinja("llava_v1")
 
 
 @dataclass
@@ -295,9 +280,9 @@ def compose(
     except (OSError, ValueError):
         image_processor = make_image_processor(vision_config.image_size)
     if template is None:
-        template = "chat_template" if getattr(tokenizer, "chat_template", None) else "llava_v1"
-    if template == "llava_v1" or not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = LLAVA_V1_JINJA
+        template = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+    if chat_template_jinja(template) is not None or not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template_jinja(template) or LLAVA_V1_JINJA
     processor = make_processor(image_processor, tokenizer, vision_config.patch_size, tokenizer.chat_template)
     meta = {"template": template, "source": f"compose:{vision}+{llm}{'/' + gguf_file if gguf_file else ''}"}
     return LlavaBundle(model, processor, template, meta)

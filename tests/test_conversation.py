@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medvlm.conversation import IGNORE_INDEX, ConversationError, encode
+from medvlm.conversation import (IGNORE_INDEX, TEMPLATES, ConversationError, chat_template_jinja, encode,
+                                 template_names)
 
 TWO_TURNS = [
     {"from": "human", "value": "What is shown?\n<image>"},
@@ -80,3 +81,58 @@ def test_malformed_conversations_fail_naming_the_record(bundle, conv, has_image,
         encode("llava_v1", conv, bundle.tokenizer, bundle.image_token_id, bundle.num_image_tokens, has_image,
                record_id="rec-42")
     assert "rec-42" in str(info.value) or "human" in message
+
+
+MULTI_TURN = [
+    {"from": "human", "value": "<image>\nWhat is shown?"},
+    {"from": "gpt", "value": "An axial CT of the chest."},
+    {"from": "human", "value": "Is there an effusion?"},
+    {"from": "gpt", "value": "Yes, on the left."},
+    {"from": "human", "value": "Which side is larger?"},
+]
+
+
+@pytest.mark.parametrize("template", [n for n, t in TEMPLATES.items() if t.jinja is not None])
+@pytest.mark.parametrize("generation", [False, True])
+def test_exported_chat_template_gives_the_training_ids(bundle, template, generation):
+    """The Jinja saved with a checkpoint, applied the Hugging Face way (HF message parts, then the
+    tokenizer on the text), yields the token ids the trainer and evaluator use, for multi-turn chats."""
+    tok = bundle.tokenizer
+    turns = MULTI_TURN if generation else MULTI_TURN[:4]
+    if template == "plain":
+        turns = MULTI_TURN[:2] if not generation else MULTI_TURN[:1]
+    ours = encode(template, turns, tok, bundle.image_token_id, 1, True, add_generation_prompt=generation)
+    messages = [{"role": "user" if t["from"] == "human" else "assistant",
+                 "content": [{"type": "text", "text": t["value"]}] if i else
+                 [{"type": "image"}, {"type": "text", "text": t["value"].replace("<image>\n", "")}]}
+                for i, t in enumerate(turns)]
+    text = tok.apply_chat_template(messages, chat_template=chat_template_jinja(template), tokenize=False,
+                                   add_generation_prompt=generation)
+    assert tok(text)["input_ids"] == ours.input_ids
+
+
+def test_multi_turn_separator_has_no_space_after_eos(bundle):
+    """LLaVA's TWO style: ``a1</s>USER: q2`` (the old exported template wrote ``a1</s> USER: q2``)."""
+    text = bundle.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}],
+        chat_template=chat_template_jinja("vicuna_v1"), tokenize=False, add_generation_prompt=True)
+    assert text.endswith(" USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT:")
+    assert text.startswith("A chat between a curious user and")
+
+
+def test_unknown_template_names_the_choices(bundle):
+    with pytest.raises(ConversationError, match="vicuna_v1.*mistral_instruct"):
+        encode("vicuna", TWO_TURNS, bundle.tokenizer, bundle.image_token_id, 1, True)
+
+
+def test_v0_keeps_the_image_where_the_record_puts_it(bundle):
+    tok = bundle.tokenizer
+    enc = encode("v0", TWO_TURNS[:2], tok, bundle.image_token_id, 1, True)
+    text = tok.decode(enc.input_ids)
+    assert "### Human: What is shown?\n<image>\n### Assistant: An axial CT" in text
+    assert [tok.decode(s) for s in _label_spans(enc.labels)] == [" An axial CT of the chest.\n### "]
+
+
+def test_template_registry_lists_the_reference_templates():
+    assert {"vicuna_v1", "llava_v1", "v0", "simple", "mistral_instruct", "plain", "chat_template"} <= set(
+        template_names())
