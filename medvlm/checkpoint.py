@@ -7,6 +7,12 @@ Layout of a stage's ``output_dir``::
 
 Every write goes to a hidden temporary folder first and is renamed into place only after the
 ``COMPLETE`` marker is written, so a run killed mid-write never leaves a folder that looks finished.
+``checkpoint/COMPLETE`` is the one record that a stage finished (``final_checkpoint``): the trainer's
+"already finished" and the curriculum's "done" both read it.
+
+LoRA under ZeRO-3 (``merge_lora_gathered``): each adapter layer's parameters are gathered with DeepSpeed's
+``GatheredParameters`` and peft merges the adapter into its base weight, one layer at a time; the adapter
+layers are then unloaded, so the consolidated state dict is a plain LLaVA one.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Callable
+
+from .fileio import atomic_write_text, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,12 @@ def mark_complete(folder: Path) -> None:
 
 def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE_MARKER).is_file()
+
+
+def final_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """A stage's exported ``checkpoint/`` when it is complete, else ``None``."""
+    folder = Path(output_dir) / "checkpoint"
+    return folder if is_complete(folder) else None
 
 
 def atomic_folder(final: Path, write: Callable[[Path], None], is_main: bool = True,
@@ -87,7 +101,7 @@ class ResumeCheckpoints:
         def write(tmp: Path) -> None:
             write_state(tmp)
             if is_main:
-                (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+                atomic_write_json(tmp / STATE_FILE, trainer_state)
 
         path = atomic_folder(self.path_for(step), write, is_main, barrier)
         if is_main:
@@ -111,3 +125,40 @@ class ResumeCheckpoints:
             state["path"] = str(path)
             return state
         return None
+
+
+def trim_log(log_file: Path, last_step: int) -> None:
+    """Drop ``log.jsonl`` lines of steps after ``last_step`` (lost with a crash; a resumed run logs them again)."""
+    if not log_file.is_file():
+        return
+    lines = log_file.read_text().splitlines()
+    kept = [line for line in lines if _step_of(line) is None or _step_of(line) <= last_step]
+    if len(kept) != len(lines):
+        atomic_write_text(log_file, "".join(f"{line}\n" for line in kept))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None  # a line cut by the kill
+    return step if isinstance(step, int) else None
+
+
+def merge_lora_gathered(peft_model):
+    """ZeRO-3: merge every LoRA adapter into its base weight, gathering one layer at a time, then unload the
+    adapter layers in place. Collective: every rank calls it. Returns the plain (still partitioned) model."""
+    import deepspeed
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                module.merge()
+    return peft_model.unload()
+
+
+def strip_peft_prefix(state_dict: dict) -> dict:
+    """State-dict keys of a (merged, unloaded) peft-wrapped model → the plain model's keys."""
+    prefix = "base_model.model."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}

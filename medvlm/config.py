@@ -1,13 +1,22 @@
 """Typed stage configs loaded from YAML, with ``--set a.b=c`` overrides.
 
 Every key is checked: an unknown key fails with the nearest valid name, a wrong type fails naming the
-key, the expected type and the value. YAML 1.1 reads ``1e-3`` as a string; float fields accept it.
+key, the expected type and the value, a value out of range (``lr: -1``, ``epochs: 0``, ``batch_size: 0``)
+names the allowed range, and ``trainable``/``template`` are checked against the parts and templates that
+exist, with did-you-mean. YAML 1.1 reads ``1e-3`` as a string; float fields accept it.
+
+``config_hash`` / ``config_changes`` tell whether a stage's settings changed between two runs in the same
+output folder; ``RESUME_SAFE_KEYS`` are the settings that cannot change what is learned (logging,
+checkpoint cadence, exact speed-ups), so changing them never blocks a resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +44,9 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] | None = None
+
+    def __post_init__(self):
+        _check_ranges(self, LORA_RANGES, "lora.")
 
 
 @dataclass
@@ -78,6 +90,132 @@ class StageConfig:
     max_skip_rate: float = 0.05                 # stop if more records than this fraction are unusable
     tensorboard: bool = False
     trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _check_ranges(self, STAGE_RANGES)
+        check_trainable(self.trainable)
+        check_template(self.template)
+        check_model_source(self.model)
+
+
+def _positive(v):
+    return v > 0
+
+
+def _at_least_one(v):
+    return v >= 1
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _fraction(v):
+    return 0 <= v <= 1
+
+
+# field → (test, what the test asks for); None passes where the field is optional
+STAGE_RANGES = {
+    "lr": (_positive, "> 0"), "projector_lr": (_positive, "> 0 (or unset: lr)"), "epochs": (_positive, "> 0"),
+    "max_steps": (_at_least_one, ">= 1 (or unset: epochs decide)"), "batch_size": (_at_least_one, ">= 1"),
+    "grad_accum": (_at_least_one, ">= 1"), "weight_decay": (_non_negative, ">= 0"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "max_grad_norm": (_non_negative, ">= 0 (0: no clipping)"),
+    "max_length": (_at_least_one, ">= 1"), "save_steps": (_non_negative, ">= 0 (0: at epoch ends only)"),
+    "keep_last": (_at_least_one, ">= 1"), "log_steps": (_at_least_one, ">= 1"),
+    "num_workers": (_non_negative, ">= 0"), "max_skip_rate": (_fraction, "in [0, 1]"),
+}
+LORA_RANGES = {"r": (_at_least_one, ">= 1"), "alpha": (_positive, "> 0"), "dropout": (lambda v: 0 <= v < 1, "in [0, 1)")}
+MODEL_SOURCES = ("checkpoint", "compose", "preset")
+PRESETS = ("tiny",)
+# settings that cannot change what a run learns: changing them between runs resumes with a warning
+RESUME_SAFE_KEYS = frozenset({"name", "output_dir", "log_steps", "save_steps", "keep_last", "num_workers",
+                              "tensorboard", "feature_cache", "feature_cache_dir", "answer_logits_only",
+                              "gradient_checkpointing", "max_skip_rate", "trust_remote_code"})
+
+
+def _check_ranges(obj, ranges: dict, prefix: str = "") -> None:
+    for name, (test, wanted) in ranges.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if isinstance(value, float) and math.isnan(value) or not test(value):
+            raise ConfigError(f"'{prefix}{name}' must be {wanted}; got {value!r}")
+
+
+def _did_you_mean(value: str, choices) -> str:
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def check_trainable(policy: str) -> None:
+    """``projector``, ``projector+llm``, ``lora``, ... (parts joined by '+'), with did-you-mean."""
+    from .model import TRAINABLE_PARTS, parse_trainable
+
+    for part in (p.strip() for p in policy.split("+")):
+        if part not in TRAINABLE_PARTS:
+            raise ConfigError(f"'trainable: {policy}': unknown part {part!r}; {_did_you_mean(part, TRAINABLE_PARTS)}"
+                              f"combine {', '.join(TRAINABLE_PARTS)} with '+', e.g. projector+llm")
+    try:
+        parse_trainable(policy)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def template_names() -> list[str]:
+    """The templates ``medvlm/conversation.py`` defines (its registry), plus the model's own ``chat_template``."""
+    from . import conversation
+
+    names = list(getattr(conversation, "TEMPLATES"))
+    return names + ([] if "chat_template" in names else ["chat_template"])
+
+
+def check_template(template: str | None) -> None:
+    if template is None:
+        return
+    names = template_names()
+    if template not in names:
+        raise ConfigError(f"'template: {template}' is not a template; {_did_you_mean(template, names)}"
+                          f"choose one of {', '.join(names)} (or leave it out: the model's own)")
+
+
+def check_model_source(source: dict) -> None:
+    if len(source) != 1 or next(iter(source)) not in MODEL_SOURCES:
+        raise ConfigError(f"'model' must have exactly one of {', '.join(MODEL_SOURCES)}; got {source!r}")
+    if "preset" in source and source["preset"] not in PRESETS:
+        raise ConfigError(f"'model.preset: {source['preset']}' is unknown; "
+                          f"{_did_you_mean(str(source['preset']), PRESETS)}presets: {', '.join(PRESETS)}")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "model":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, str]:
+    """``{"lr": "0.001 → 0.002", "data": "changed"}``: the settings that differ between two stage configs."""
+    old, new = _flat(json.loads(json.dumps(old, default=str))), _flat(json.loads(json.dumps(new, default=str)))
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            a, b = old.get(key), new.get(key)
+            short = all(not isinstance(v, (list, dict)) and len(str(v)) <= 40 for v in (a, b))
+            changes[key] = f"{a} → {b}" if short else "changed"
+    return changes
+
+
+def resume_safe(key: str) -> bool:
+    return key.split(".")[0] in RESUME_SAFE_KEYS
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the settings that decide what is learned (``RESUME_SAFE_KEYS`` left out)."""
+    kept = {k: v for k, v in config.items() if k not in RESUME_SAFE_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -123,7 +123,7 @@ def test_half_written_and_corrupt_checkpoints_are_not_used(tmp_path, caplog, col
     trainer = Trainer(stage_config(data, images, out, max_steps=4, save_steps=1, keep_last=3), build_tiny())
     with caplog.at_level("WARNING"):
         trainer.setup()
-    assert trainer.state["global_step"] == 2          # fell back past the corrupt one, ignored the half-written one
+    assert trainer.state.global_step == 2          # fell back past the corrupt one, ignored the half-written one
     assert "checkpoint-000003 is unusable" in caplog.text
 
 
@@ -150,7 +150,7 @@ def test_a_tampered_optimizer_pickle_is_refused(tmp_path, caplog, colour_set):
     with caplog.at_level("WARNING"):
         trainer.setup()
     assert not marker.exists()                        # torch.load(weights_only=True) never ran the pickle
-    assert trainer.state["global_step"] == 1 and "unusable" in caplog.text
+    assert trainer.state.global_step == 1 and "unusable" in caplog.text
 
 
 def test_a_checkpoint_with_custom_code_is_never_executed(tmp_path):
