@@ -23,9 +23,10 @@ from .imaging import load_image
 
 
 def prompt_ids(bundle, question: str, has_image: bool, template: str | None = None,
-               system: str | None = None) -> list[int]:
+               system: str | None = None, image_first: bool = True) -> list[int]:
     """Token ids of a single-turn prompt ending where the assistant's answer begins."""
-    encoded = encode(template or bundle.template, prompt_messages(question, has_image), bundle.tokenizer,
+    messages = prompt_messages(question, has_image, image_first)
+    encoded = encode(template or bundle.template, messages, bundle.tokenizer,
                      bundle.image_token_id, bundle.num_image_tokens, has_image, add_generation_prompt=True,
                      system=system)
     return encoded.input_ids
@@ -89,8 +90,11 @@ class PixelLoader:
 def generate_answers(bundle, questions: Sequence[str], images: Sequence[Image.Image | str | os.PathLike | torch.Tensor | None],
                      max_new_tokens: int = 64, batch_size: int = 16, template: str | None = None,
                      system: str | None = None, image_aspect_ratio: str = "pad", progress: bool = False,
-                     feature_cache=None, share_prefix: bool = True) -> list[str]:
-    """Greedy answers for ``questions`` (one image or ``None`` each), ``batch_size`` at a time, in order.
+                     feature_cache=None, share_prefix: bool = True, generation: dict | None = None,
+                     image_first: bool = True) -> list[str]:
+    """Answers for ``questions`` (one image or ``None`` each), ``batch_size`` at a time, in order: greedy
+    unless ``generation`` overrides ``model.generate`` arguments (sampling, stop strings; see
+    downstream/protocols.py); ``image_first=False`` puts the image after the question.
 
     Questions about the same image go into the same batch. With ``share_prefix`` (exact, on by default),
     when every prompt of a batch starts with the same tokens up to and including its image tokens (the
@@ -104,7 +108,7 @@ def generate_answers(bundle, questions: Sequence[str], images: Sequence[Image.Im
     if len(questions) != len(images):
         raise ValueError(f"{len(questions)} questions but {len(images)} images")
     bundle.model.eval()
-    run = _Generation(bundle, image_aspect_ratio, feature_cache, max_new_tokens, share_prefix)
+    run = _Generation(bundle, image_aspect_ratio, feature_cache, max_new_tokens, share_prefix, generation)
     order = _grouped_by_image(images)
     answers: list[str] = [""] * len(questions)
     starts = range(0, len(order), batch_size)
@@ -116,7 +120,8 @@ def generate_answers(bundle, questions: Sequence[str], images: Sequence[Image.Im
         for start in starts:
             batch = order[start:start + batch_size]
             run.prefetch([images[i] for i in order[start:start + 2 * batch_size]])   # this batch's and the next's
-            rows = [prompt_ids(bundle, questions[i], images[i] is not None, template, system) for i in batch]
+            rows = [prompt_ids(bundle, questions[i], images[i] is not None, template, system, image_first)
+                    for i in batch]
             for i, answer in zip(batch, run.answers(rows, [images[i] for i in batch])):
                 answers[i] = answer
     finally:
@@ -140,6 +145,30 @@ def _grouped_by_image(images) -> list[int]:
     return sorted(range(len(images)), key=lambda i: (1, i) if images[i] is None else (0, first_seen[_image_key(images[i])]))
 
 
+def shard_by_image(images, rank: int, world_size: int) -> list[int]:
+    """The question indices rank ``rank`` of ``world_size`` answers in a data-parallel evaluation: whole
+    images (all questions about one image on one rank, so its decode, vision features and shared prefix
+    are computed once), contiguous runs of the image-grouped order cut where the question count reaches
+    each rank's equal share; text-only questions are spread the same way, one by one."""
+    order = _grouped_by_image(images)
+    groups: list[list[int]] = []
+    for index in order:
+        same = groups and images[index] is not None and images[groups[-1][0]] is not None \
+            and _image_key(images[index]) == _image_key(images[groups[-1][0]])
+        if same:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    mine, done = [], 0
+    for group in groups:
+        # the group goes to the rank whose share its middle question falls in
+        owner = min(world_size - 1, (2 * done + len(group)) * world_size // (2 * max(1, len(images))))
+        if owner == rank:
+            mine.extend(group)
+        done += len(group)
+    return sorted(mine)
+
+
 def shared_prefix_length(rows: list[list[int]], image_token_id: int) -> int | None:
     """Length of the token prefix that ends with the last image token and that every row shares, or
     ``None`` when the rows have no such prefix (no image, prefixes differ, or nothing after it)."""
@@ -157,7 +186,8 @@ class _Generation:
     """One ``generate_answers`` call: its pixel loader, the vision features of the images seen so far and
     the prefix key/value caches of the current batch's images."""
 
-    def __init__(self, bundle, image_aspect_ratio: str, feature_cache, max_new_tokens: int, share_prefix: bool):
+    def __init__(self, bundle, image_aspect_ratio: str, feature_cache, max_new_tokens: int, share_prefix: bool,
+                 generation: dict | None = None):
         self.bundle, self.model = bundle, bundle.model
         self.base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.device = next(self.model.parameters()).device
@@ -165,6 +195,7 @@ class _Generation:
         self.pad_id = bundle.tokenizer.pad_token_id
         self.generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                     eos_token_id=_stop_ids(bundle), pad_token_id=self.pad_id, use_cache=True)
+        self.generate_kwargs.update(generation or {})
         self.loader = PixelLoader(bundle, image_aspect_ratio)
         self.feature_cache, self.share_prefix = feature_cache, share_prefix
         self.features_by_image: dict = {}
