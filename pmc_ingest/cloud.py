@@ -167,7 +167,10 @@ def fetch_package(store: S3Store, version: str, licenses: list[str] | None, max_
                   cache_dir: Path | None = None) -> tuple[ArticlePackage | None, str | None]:
     """Metadata, then (unless retracted / license-filtered) the XML; media are fetched on demand by the
     package's loader, only for names the metadata lists. Returns (package, skip reason)."""
-    metadata = json.loads(store.get(f"metadata/{version}.json"))
+    try:
+        metadata = json.loads(store.get(f"metadata/{version}.json"))
+    except FileMissing:  # the copy inside the version prefix
+        metadata = json.loads(store.get(f"{version}/{version}.json"))
     if not isinstance(metadata, dict):
         raise PackageError(f"{store.url(f'metadata/{version}.json')}: metadata is not a JSON object")
     reason = article_skip_reason(metadata, licenses)

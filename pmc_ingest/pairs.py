@@ -60,7 +60,7 @@ class IngestOptions:
     endpoint_url: str | None = None             # s3:// input: any S3-compatible endpoint
     concurrency: int = 16                       # s3:// input: articles fetched at once
     timeout: float = 30.0                       # s3:// input: seconds per request
-    retries: int = 5                            # s3:// input: attempts per request
+    retries: int = 5                            # s3:// input: retries per request (503, timeouts…)
 
 
 @dataclass

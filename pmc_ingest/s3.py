@@ -34,7 +34,7 @@ class S3Options:
     signed: bool = False                # PMC's bucket is world-readable: unsigned by default
     concurrency: int = 16
     timeout: float = 30.0               # seconds, connect and read
-    retries: int = 5                    # attempts per request, botocore standard mode + body reads
+    retries: int = 5                    # retries after the first try, botocore standard mode + body reads
     region: str = "us-east-1"
 
 
@@ -60,6 +60,8 @@ class S3Store:
         config = Config(connect_timeout=self.options.timeout, read_timeout=self.options.timeout,
                         retries={"max_attempts": self.options.retries, "mode": "standard"},
                         max_pool_connections=max(10, self.options.concurrency),
+                        # MinIO and most S3-compatible servers want path-style URLs
+                        s3={"addressing_style": "path" if self.options.endpoint_url else "auto"},
                         **({} if self.options.signed else {"signature_version": UNSIGNED}))
         self.client = boto3.session.Session().client("s3", endpoint_url=self.options.endpoint_url,
                                                      region_name=self.options.region, config=config)
@@ -77,7 +79,8 @@ class S3Store:
         """The object's bytes; ``FileMissing`` (404), ``FileTooLarge`` (before reading), ``FetchError``."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        for attempt in range(1, self.options.retries + 1):
+        attempts = self.options.retries + 1
+        for attempt in range(1, attempts + 1):
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
             except ClientError as exc:
@@ -95,7 +98,7 @@ class S3Store:
             try:
                 data = response["Body"].read()
             except BotoCoreError as exc:  # a body cut mid-read: botocore does not retry these
-                if attempt == self.options.retries:
+                if attempt == attempts:
                     raise FetchError(f"{self.url(key)}: {exc}") from exc
                 self._count(retries=1)
                 time.sleep(random.uniform(0, min(2 ** attempt, 20)))
@@ -104,7 +107,7 @@ class S3Store:
             if md5 and hashlib.md5(data).hexdigest() != md5:
                 raise FetchError(f"{self.url(key)}: MD5 differs from PMC's metadata (object changed or corrupted)")
             return data
-        raise FetchError(f"{self.url(key)}: failed after {self.options.retries} attempts")
+        raise FetchError(f"{self.url(key)}: failed after {attempts} attempts")
 
     def list_prefixes(self, prefix: str) -> list[str]:
         """Sub-"folders" directly under ``prefix`` (``PMC123.`` → ``PMC123.1``, ``PMC123.2``)."""
