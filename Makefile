@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export DS_BUILD_OPS := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo ablation-demo test clean-venv
+.PHONY: demo ablation-demo test browser clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,13 @@ demo: $(VENV)/.installed
 ablation-demo: $(VENV)/.installed
 	$(VENV)/bin/medvlm demo --ablation
 
-test: $(VENV)/.installed-test
+# Headless Chromium + its WebDriver from Debian for the report and web-chat tests (a missing browser fails them).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver)
+
+test: $(VENV)/.installed-test browser
 	$(VENV)/bin/python -m pytest -q
 
 clean-venv:
