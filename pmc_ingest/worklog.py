@@ -79,17 +79,7 @@ class WorkLog:
     def publish(self, write_shards: Callable[[Path], list[str]], report_name: str, report: dict) -> list[str]:
         """Write shards into staging/, then swap them for the previous ``pairs-TAG-*`` and write the report."""
         self.close()
-        staging = self.dir / "staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        names = write_shards(staging)
-        (self.out_dir / report_name).unlink(missing_ok=True)   # never a report describing other shards
-        for old in self.out_dir.glob(f"pairs-{self.tag}-*.parquet"):
-            old.unlink()
-        for name in names:
-            os.replace(staging / name, self.out_dir / name)
-        atomic_write_json(self.out_dir / report_name, report)
-        return names
+        return publish(self.out_dir, self.dir / "staging", self.tag, write_shards, report_name, report)
 
     def finish(self, keep: bool) -> None:
         """Remove the work folder, or keep it (with its log) when some articles must be retried."""
@@ -98,3 +88,21 @@ class WorkLog:
             shutil.rmtree(self.dir / "staging", ignore_errors=True)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def publish(out_dir: Path, staging: Path, tag: str, write_shards: Callable[[Path], list[str]], report_name: str,
+            report: dict) -> list[str]:
+    """``write_shards(staging)`` writes the new ``pairs-TAG-*.parquet`` beside the old output; only when all
+    are written is the old report removed (never a report describing other shards), the old shards
+    replaced, and the new report written. Returns the shard names."""
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    names = write_shards(staging)
+    (out_dir / report_name).unlink(missing_ok=True)
+    for old in out_dir.glob(f"pairs-{tag}-*.parquet"):
+        old.unlink()
+    for name in names:
+        os.replace(staging / name, out_dir / name)
+    shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_json(out_dir / report_name, report)
+    return names
