@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .fileio import atomic_write_text
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1200px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.5em;border-bottom:1px solid #ccc}
@@ -105,11 +107,6 @@ def item(image: Raw, *parts: str, cls: str = "") -> Raw:
 
 def write_page(path: str | os.PathLike, title: str, parts: Sequence[str]) -> Path:
     """The whole page, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>{''.join(esc(p) for p in parts)}</body></html>\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)

@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write_text
 from .model import METADATA_FILE
 
 CARD_FILE = "README.md"
@@ -139,10 +140,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text if text.endswith("\n") else text + "\n")
 
 
 # ------------------------------------------------------------------------------------ rendering

@@ -530,7 +530,7 @@ class Trainer:
         metrics = self._metrics()
         if self.is_main:  # before the checkpoint: its COMPLETE marker is the last thing written
             atomic_write_json(self.output_dir / "metrics.json", metrics)
-        checkpoint = self._export()
+        checkpoint = self._export(metrics)
         self._plot()
         if self.is_main:
             for old in self.output_dir.glob(".replaced-*"):
@@ -557,7 +557,10 @@ class Trainer:
                  "batch_size": self.config.batch_size, "config_hash": config_hash(to_dict(self.config))}
         return self.checkpoints.save(self.state.global_step, acc.save_state, saved, self.is_main, acc.wait_for_everyone)
 
-    def _export(self) -> Path:
+    def _export(self, metrics: dict) -> Path:
+        """The HF folder, with its model card (``modelcard.py``: this stage appended to the lineage)."""
+        from .modelcard import add_stage, stage_record
+
         acc, cfg = self.accelerator, self.config
         unwrapped = acc.unwrap_model(self.model)
         state_dict = None
@@ -576,6 +579,7 @@ class Trainer:
             if save_proj:
                 save_projector(unwrapped, tmp / PROJECTOR_FILE)
             save_folder(self.bundle, tmp, state_dict=state_dict, extra_metadata=metadata)
+            add_stage(tmp, stage_record(cfg, metrics))
 
         return atomic_folder(self.output_dir / "checkpoint", write, self.is_main, acc.wait_for_everyone)
 
