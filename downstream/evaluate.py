@@ -23,8 +23,8 @@ import torch
 
 from .datasets import VQARecord
 from .metrics import SUITES, Item, evaluate_items, format_table, paired_difference
-
-OPTION_SUFFIX = " Please choose from the following two options: [yes, no]."
+from .protocols import (LLAVA_MED_OPTION_SUFFIX as OPTION_SUFFIX, EvalSettings, clean_answer, format_question,
+                        generation_arguments)
 GROUP_KEYS = ("question_type", "image_organ", "content_type", "modality", "location", "organ")
 
 
@@ -32,11 +32,13 @@ def _groups(record: VQARecord) -> dict:
     return {k: record.metadata[k] for k in GROUP_KEYS if record.metadata.get(k) not in (None, "")}
 
 
-def evaluate_model(bundle, records: Sequence[VQARecord], out_dir: str | Path, suites: Sequence[str] = SUITES,
-                   batch_size: int = 16, max_new_tokens: int = 32, closed_mode: str = "generate",
-                   option_suffix: bool = False, candidates: Sequence[str] | None = None, progress: bool = True,
-                   feature_cache_dir: str | Path | None = None) -> dict:
+def evaluate_model(bundle, records: Sequence[VQARecord], out_dir: str | Path, settings: EvalSettings | None = None,
+                   *, candidates: Sequence[str] | None = None, progress: bool = True,
+                   feature_cache_dir: str | Path | None = None, **overrides) -> dict:
     """Answer every record, score it, and write answers.jsonl / metrics.json / report.md to ``out_dir``.
+
+    ``settings`` (protocol, suites, batch size, token limit, closed mode, option suffix, seed) default to
+    ``EvalSettings()``; keyword ``overrides`` replace single fields (``batch_size=8``).
 
     ``feature_cache_dir`` keeps vision features on disk, keyed by image, tower weights and preprocessing,
     so repeated evaluations (other checkpoints with the same frozen tower) skip image decoding.
@@ -49,16 +51,14 @@ def evaluate_model(bundle, records: Sequence[VQARecord], out_dir: str | Path, su
     from medvlm.device import FileExchange, data_parallel, describe, shared_token
     from medvlm.generate import shard_by_image
 
-    if closed_mode not in ("generate", "likelihood"):
-        raise ValueError("closed_mode must be 'generate' or 'likelihood'")
+    settings = (settings or EvalSettings()).with_(**overrides)
+    suites = list(settings.suites or SUITES)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world_size = data_parallel()
-    settings = {"closed_mode": closed_mode, "option_suffix": option_suffix, "batch_size": batch_size,
-                "max_new_tokens": max_new_tokens, "questions": len(records), **describe(bundle.model),
-                "processes": world_size}
-    answer = dict(closed_mode=closed_mode, option_suffix=option_suffix, batch_size=batch_size,
-                  max_new_tokens=max_new_tokens, progress=progress and rank == 0, feature_cache_dir=feature_cache_dir)
+    answer = dict(settings=settings, progress=progress and rank == 0, feature_cache_dir=feature_cache_dir)
+    settings = {**settings.describe(settings.spec.template or bundle.template), "questions": len(records),
+                **describe(bundle.model), "processes": world_size}
     if world_size == 1:
         return _score_and_write(records, _predict(bundle, records, **answer), out_dir, suites, candidates, settings)
     exchange = FileExchange(out_dir, shared_token(), rank, world_size)
@@ -75,26 +75,36 @@ def evaluate_model(bundle, records: Sequence[VQARecord], out_dir: str | Path, su
     return exchange.publish(result)
 
 
-def _predict(bundle, records: Sequence[VQARecord], closed_mode: str, option_suffix: bool, batch_size: int,
-             max_new_tokens: int, progress: bool, feature_cache_dir) -> dict[str, str]:
-    """``{record id: prediction}``: closed questions by likelihood or generation, the rest by generation."""
+def _predict(bundle, records: Sequence[VQARecord], settings: EvalSettings, progress: bool,
+             feature_cache_dir) -> dict[str, str]:
+    """``{record id: prediction}``: closed questions by likelihood or generation, the rest by generation,
+    with the prompt layout, decoding and answer clean-up of ``settings.protocol``."""
+    from medvlm.conversation import get_template
     from medvlm.generate import generate_answers
 
+    protocol, batch_size = settings.spec, settings.batch_size
+    template = get_template(protocol.template or bundle.template)
     predictions: dict[str, str] = {}
     closed = [r for r in records if r.answer_type == "closed"]
-    to_generate = list(records) if closed_mode == "generate" else [r for r in records if r.answer_type == "open"]
-    if closed_mode == "likelihood" and closed:
-        choices = likelihood_choice(bundle, [r.question for r in closed], [r.image for r in closed], ["yes", "no"],
-                                    batch_size=batch_size)
+    generate_all = settings.closed_mode == "generate"
+    to_generate = list(records) if generate_all else [r for r in records if r.answer_type == "open"]
+    if not generate_all and closed:
+        choices = likelihood_choice(bundle, [format_question(protocol, r.question, "closed", settings.option_suffix)
+                                             for r in closed], [r.image for r in closed], ["yes", "no"],
+                                    batch_size=batch_size, template=template.name, image_first=protocol.image_first)
         predictions.update({r.id: c for r, c in zip(closed, choices)})
-    questions = [r.question + (OPTION_SUFFIX if option_suffix and r.answer_type == "closed" else "") for r in to_generate]
+    questions = [format_question(protocol, r.question, r.answer_type, settings.option_suffix) for r in to_generate]
     feature_cache = None
     if feature_cache_dir is not None:
         from medvlm.features import FeatureCache
 
         feature_cache = FeatureCache(bundle.model, bundle.image_processor, "pad", feature_cache_dir)
-    answers = generate_answers(bundle, questions, [r.image for r in to_generate], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, progress=progress, feature_cache=feature_cache)
+    torch.manual_seed(settings.seed)
+    answers = generate_answers(bundle, questions, [r.image for r in to_generate], max_new_tokens=settings.tokens,
+                               batch_size=batch_size, template=template.name, progress=progress,
+                               feature_cache=feature_cache, image_first=protocol.image_first,
+                               generation=generation_arguments(protocol, bundle.tokenizer, template.stop_strings))
+    answers = [clean_answer(a, template.stop_strings, template.answer_prefix) for a in answers]
     predictions.update({r.id: a for r, a in zip(to_generate, answers)})
     return predictions
 
@@ -114,9 +124,9 @@ def _score_and_write(records: Sequence[VQARecord], predictions: dict[str, str], 
 
 @torch.no_grad()
 def likelihood_choice(bundle, questions: Sequence[str], images: Sequence, options: Sequence[str],
-                      batch_size: int = 16) -> list[str]:
+                      batch_size: int = 16, template: str | None = None, image_first: bool = True) -> list[str]:
     """For each question, the option with the highest log-likelihood of being the whole reply."""
-    from medvlm.conversation import IGNORE_INDEX, encode
+    from medvlm.conversation import IGNORE_INDEX, encode, prompt_messages
     from medvlm.generate import _pixels
 
     model = bundle.model.eval()
@@ -129,9 +139,8 @@ def likelihood_choice(bundle, questions: Sequence[str], images: Sequence, option
         for question, image in zip(qs, ims):
             pixels = _pixels(bundle, image, "pad") if image is not None else None
             for option in options:
-                conv = [{"from": "human", "value": ("<image>\n" if image is not None else "") + question},
-                        {"from": "gpt", "value": option}]
-                rows.append(encode(bundle.template, conv, bundle.tokenizer, bundle.image_token_id,
+                conv = prompt_messages(question, image is not None, image_first) + [{"from": "gpt", "value": option}]
+                rows.append(encode(template or bundle.template, conv, bundle.tokenizer, bundle.image_token_id,
                                    bundle.num_image_tokens, image is not None))
                 if pixels is not None:
                     pixel_list.append(pixels)

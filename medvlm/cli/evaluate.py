@@ -12,6 +12,7 @@ from medvlm.cli.errors import UsageError
 def register(sub) -> None:
     from downstream.datasets import DATASETS
     from downstream.metrics import SUITES
+    from downstream.protocols import protocol_names
 
     evaluate = sub.add_parser("eval", help="evaluate on a VQA split; `eval score` re-scores files; `eval leakage`",
                               description="medvlm eval --model CKPT --dataset slake --root DIR | "
@@ -25,9 +26,12 @@ def register(sub) -> None:
     evaluate.add_argument("--out", help="output folder (default: runs/eval-DATASET-SPLIT)")
     evaluate.add_argument("--suite", action="append", choices=SUITES, help="metric suite (repeatable; default: all)")
     evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--max-new-tokens", type=int, default=32)
+    evaluate.add_argument("--protocol", choices=protocol_names(), default="medvlm",
+                          help="prompt layout, decoding and token limit of a reference evaluation (README)")
+    evaluate.add_argument("--max-new-tokens", type=int, help="default: the protocol's (medvlm: 256)")
     evaluate.add_argument("--closed-mode", choices=["generate", "likelihood"], default="generate")
-    evaluate.add_argument("--option-suffix", action="store_true", help="add LLaVA-Med's yes/no option suffix to closed questions")
+    evaluate.add_argument("--option-suffix", action="store_true", default=None,
+                          help="add LLaVA-Med's yes/no option suffix to closed questions (default: the protocol's)")
     evaluate.add_argument("--feature-cache", help="folder to keep vision features in across evaluations")
     evaluate.add_argument("--candidates", help="LLaVA-Med candidate file {\"0\": [...]} for open accuracy")
     evaluate.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="same as `eval compare RUN_A RUN_B`")
@@ -81,15 +85,17 @@ def run_eval(args) -> int:
     from downstream import evaluate as ev
     from downstream.datasets import load_vqa
     from downstream.metrics import format_table, read_candidates
+    from downstream.protocols import EvalSettings
     from medvlm.model import load_checkpoint
 
     suites = _suites(args)
     records, report = load_vqa(args.dataset, args.root, args.split, args.lang)
     candidates = read_candidates(args.candidates) if args.candidates else None
     out = Path(args.out or f"runs/eval-{args.dataset}-{args.split}")
-    result = ev.evaluate_model(load_checkpoint(args.model), records, out, suites, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens, closed_mode=args.closed_mode,
-                               option_suffix=args.option_suffix, candidates=candidates,
+    settings = EvalSettings(protocol=args.protocol, suites=tuple(suites), batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, closed_mode=args.closed_mode,
+                            option_suffix=args.option_suffix)
+    result = ev.evaluate_model(load_checkpoint(args.model), records, out, settings, candidates=candidates,
                                feature_cache_dir=args.feature_cache)
     print(format_table(result, suites))
     if report.skipped:

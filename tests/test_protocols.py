@@ -1,0 +1,122 @@
+"""Evaluation protocols: each reproduces a reference evaluation's prompt, decoding and token limit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from downstream.protocols import (LLAVA_MED_OPTION_SUFFIX, PROTOCOLS, EvalSettings, ProtocolError, clean_answer,
+                                  format_question, generation_arguments, get_protocol)
+from downstream.synthetic import VQAItem, write_vqa_rad_original
+from medvlm.imaging import load_image
+from medvlm.sample_images import sample_path
+
+
+def _items() -> list[VQAItem]:
+    ct = load_image(sample_path("CT_small.dcm", "pydicom"))
+    return [VQAItem(ct, "ct_a", "Is this a CT scan?", "yes", "CLOSED", "train", {}),
+            VQAItem(ct, "ct_a", "What modality is shown?", "CT", "OPEN", "train", {}),
+            VQAItem(ct.rotate(90), "ct_b", "Is this a CT scan?", "yes", "CLOSED", "test", {}),
+            VQAItem(ct.rotate(90), "ct_b", "What modality is shown?", "CT", "OPEN", "test", {})]
+
+
+def test_option_suffix_is_llava_meds_text_exactly():
+    assert LLAVA_MED_OPTION_SUFFIX == " Please choose from the following two options: [yes, no]"
+    protocol = get_protocol("llava_med_v1")
+    assert format_question(protocol, "Is it CT?", "closed") == "Is it CT? Please choose from the following two options: [yes, no]"
+    assert format_question(protocol, "What organ?", "open") == "What organ?"
+
+
+def test_option_suffix_is_not_added_twice_to_llava_med_test_questions():
+    protocol = get_protocol("llava_med_v1")
+    already = "Is it CT? Please choose from the following two options: [Yes, No]"
+    assert format_question(protocol, already, "closed") == already
+
+
+def test_short_answer_protocol_appends_llava_1_5_instruction():
+    protocol = get_protocol("llava_1_5_short")
+    assert format_question(protocol, "Is it CT?", "closed") == (
+        "Is it CT?\nAnswer the question using a single word or phrase.")
+    assert protocol.template == "vicuna_v1" and protocol.temperature == 0 and protocol.max_new_tokens == 128
+
+
+def test_llava_med_v1_samples_long_answers_with_the_question_first():
+    protocol = get_protocol("llava_med_v1")
+    assert (protocol.template, protocol.image_first, protocol.max_new_tokens) == ("simple", False, 1024)
+    args = generation_arguments(protocol, tokenizer="tok", stop_strings=("###",))
+    assert args == {"do_sample": True, "temperature": 0.7, "stop_strings": ["###"], "tokenizer": "tok"}
+
+
+def test_greedy_protocols_do_not_sample():
+    for name in ("medvlm", "llava_med_v1_5", "llava_1_5_short"):
+        assert generation_arguments(PROTOCOLS[name], tokenizer=None) == {"do_sample": False}
+
+
+def test_simple_template_answers_lose_the_role_name_and_stop_signal():
+    assert clean_answer("Assistant: Yes, it is a CT.###Human: thanks", ("###",), "Assistant:") == "Yes, it is a CT."
+
+
+def test_unknown_protocol_names_the_choices():
+    with pytest.raises(ProtocolError, match="llava_med_v1, llava_med_v1_5"):
+        EvalSettings(protocol="llava_med")
+
+
+def test_settings_from_a_curriculum_stage_keep_only_evaluation_keys():
+    settings = EvalSettings.from_mapping({"split": "test", "baseline": True, "protocol": "llava_1_5_short",
+                                          "batch_size": 4})
+    assert (settings.protocol, settings.batch_size, settings.tokens) == ("llava_1_5_short", 4, 128)
+    assert settings.with_(max_new_tokens=8).tokens == 8
+
+
+def test_evaluation_uses_the_protocols_layout_decoding_and_limit(tmp_path, monkeypatch):
+    from downstream.datasets import load_vqa
+    from downstream.evaluate import evaluate_model
+    from medvlm import generate
+    from medvlm.model import build_tiny
+
+    seen = {}
+
+    def fake_generate(bundle, questions, images, **kw):
+        seen.update(questions=questions, **kw)
+        return ["Assistant: yes###Human: more"] * len(questions)
+
+    monkeypatch.setattr(generate, "generate_answers", fake_generate)
+    root = write_vqa_rad_original(tmp_path / "rad", _items())
+    records, _ = load_vqa("vqa-rad", root, "test")
+    result = evaluate_model(build_tiny(), records, tmp_path / "eval", EvalSettings(protocol="llava_med_v1"),
+                            progress=False)
+    assert seen["template"] == "simple" and seen["image_first"] is False and seen["max_new_tokens"] == 1024
+    assert seen["generation"]["do_sample"] and seen["generation"]["stop_strings"] == ["###"]
+    assert "Is this a CT scan? Please choose from the following two options: [yes, no]" in seen["questions"]
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert {a["prediction"] for a in answers} == {"yes"}
+    assert result["settings"]["protocol"] == "llava_med_v1" and result["settings"]["temperature"] == 0.7
+
+
+def test_sampled_protocol_runs_on_the_tiny_model_and_is_seeded(tmp_path):
+    from downstream.datasets import load_vqa
+    from downstream.evaluate import evaluate_model
+    from medvlm.model import build_tiny
+
+    root = write_vqa_rad_original(tmp_path / "rad", _items())
+    records, _ = load_vqa("vqa-rad", root, "test")
+    bundle = build_tiny()
+    runs = []
+    for name in ("a", "b"):
+        evaluate_model(bundle, records, tmp_path / name, EvalSettings(protocol="llava_med_v1", max_new_tokens=6),
+                       progress=False)
+        runs.append((tmp_path / name / "answers.jsonl").read_text())
+    assert runs[0] == runs[1]
+
+
+def test_finetune_questions_are_laid_out_as_the_protocol_poses_them(tmp_path):
+    from downstream.finetune import prepare_finetune_data
+
+    root = write_vqa_rad_original(tmp_path / "rad", _items())
+    path, _, _ = prepare_finetune_data("vqa-rad", root, tmp_path / "data", protocol="llava_med_v1")
+    humans = {c["conversations"][0]["value"] for c in json.loads(path.read_text())}
+    assert humans == {"Is this a CT scan? Please choose from the following two options: [yes, no]\n<image>",
+                      "What modality is shown?\n<image>"}
+    path, _, _ = prepare_finetune_data("vqa-rad", root, tmp_path / "default")
+    assert "<image>\nIs this a CT scan?" in {c["conversations"][0]["value"] for c in json.loads(path.read_text())}
