@@ -7,18 +7,11 @@ image through its description and must converse about what a viewer could see, w
 caption or the paper; ``instruct_fewshot.jsonl`` holds worked examples. The reply format is plain
 alternating ``User:`` / ``Assistant:`` lines (markdown bold around the role is tolerated).
 
-Reliability:
-- every response is appended (flushed and fsynced) to ``cache.jsonl`` under a key that hashes (model,
-  messages — which hold the prompt and the pair —, pair id, generation parameters) *before* it counts as
-  done, so a run killed at any moment resumes without sending a finished request again;
-- at most ``max_concurrency`` requests are in flight; 429, 5xx, timeouts and connection errors are
-  retried with exponential backoff and jitter, honouring ``Retry-After``; other 4xx (400, 401, 403, 404,
-  422) are never retried — a 401 stops the whole run, since no later request can succeed. The retry loop
-  is ours rather than the client's built-in one so the budget is checked before every attempt and retries
-  are counted;
-- ``budget_usd`` / ``max_tokens_total``: before a request is sent, its worst case (prompt estimate +
-  ``max_tokens`` of output) is reserved; a request that could cross the budget is not sent. Spending is
-  counted from the responses' ``usage``; prices per model are in ``prompts/prices.json`` (editable).
+Reliability and budget: ``pmc_ingest.chat_client`` (cache before done — only completions are done, so a
+404, a refused connection or a wrong-shaped 200 is sent again by the next run —, retries, a budget that
+concurrency cannot shrink, a run stopped early when the endpoint is wrong or dead). A run that ends with
+no usable record still writes ``summary.json`` and then raises ``InstructError`` (the CLI exits non-zero).
+Tokens and cost are reported for this run and for all runs on the output folder (``total_*``).
 
 Validation (deterministic, re-done on cached replies, so reruns give identical output): a reply is
 rejected, counted by reason, when it is empty, a refusal, has no well-formed User/Assistant pair, or an
@@ -27,10 +20,8 @@ answer quotes the caption verbatim for ``quote_words`` words or more.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -39,13 +30,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .chat_client import (Budget, ClientError, Request, ResponseCache, SendStats, estimate_tokens, load_price,
+                          send_all)
+
 PROMPTS = Path(__file__).parent / "prompts"
 REFUSAL = re.compile(r"^\s*(I'?m sorry|I am sorry|I cannot|I can't|I can not|As an AI|I'm unable|I am unable|Sorry,)", re.I)
 ROLE_LINE = re.compile(r"^\s*\**\s*(User|Human|Assistant|GPT)\s*\**\s*:\s*\**\s*(.*)$", re.I)
 
 
-class InstructError(RuntimeError):
-    """A run that cannot go on (no API key, unauthorised, unknown price); the message says what to do."""
+InstructError = ClientError   # a run that cannot go on; the message says what to do
 
 
 @dataclass
@@ -71,19 +64,18 @@ class InstructOptions:
     quote_words: int = 10
     backoff_base: float = 1.0
     backoff_max: float = 60.0
+    max_consecutive_failures: int = 50
 
 
 @dataclass
-class InstructSummary:
+class InstructSummary(SendStats):
+    """What a run did; tokens and ``cost_usd`` are this run's, ``total_*`` include earlier runs' cached replies."""
     pairs: int = 0
     cached: int = 0
-    sent: int = 0
-    retries: int = 0
-    failures: Counter = field(default_factory=Counter)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    total_prompt_tokens: int = 0
+    total_completion_tokens: int = 0
     cost_usd: float = 0.0
-    stopped_by_budget: int = 0
+    total_cost_usd: float = 0.0
     accepted: int = 0
     rejected: Counter = field(default_factory=Counter)
     seconds: float = 0.0
@@ -99,10 +91,13 @@ class InstructSummary:
         return data
 
     def text(self) -> str:
+        stopped = f"; stopped early: {self.stop_reason} ({self.not_attempted} not attempted)" if self.stop_reason else ""
         return (f"pairs {self.pairs}: {self.cached} from cache, {self.sent} sent ({self.retries} retries, "
                 f"{self.requests_per_second:.1f} requests/s), {self.stopped_by_budget} not sent (budget); "
-                f"tokens {self.prompt_tokens} in + {self.completion_tokens} out, cost ${self.cost_usd:.4f}; "
-                f"failures {dict(self.failures) or 'none'}; accepted {self.accepted}, rejected {dict(self.rejected) or 'none'}")
+                f"this run tokens {self.prompt_tokens} in + {self.completion_tokens} out, cost ${self.cost_usd:.4f}; "
+                f"all runs tokens {self.total_prompt_tokens} in + {self.total_completion_tokens} out, "
+                f"cost ${self.total_cost_usd:.4f}; failures {dict(self.failures) or 'none'}; "
+                f"accepted {self.accepted}, rejected {dict(self.rejected) or 'none'}{stopped}")
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -138,11 +133,6 @@ def pair_id(pair: dict) -> str:
 def request_key(model: str, messages: list[dict], pid: str, params: dict) -> str:
     payload = json.dumps({"model": model, "messages": messages, "pair": pid, "params": params}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def estimate_tokens(messages: list[dict]) -> int:
-    """About 4 characters per token for English (+4 per message of overhead); a budget reservation, not billing."""
-    return sum(math.ceil(len(m["content"]) / 4) + 4 for m in messages)
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -205,67 +195,6 @@ def to_record(pair: dict, turns: list[tuple[str, str]]) -> dict:
             "conversations": conversations}
 
 
-# ------------------------------------------------------------------------------------ cache
-class ResponseCache:
-    """Append-only JSONL of every finished request; the last entry for a key wins."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.entries: dict[str, dict] = {}
-        if path.is_file():
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a kill mid-write: that request is simply sent again
-                    self.entries[entry["key"]] = entry
-
-    def append(self, entry: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        self.entries[entry["key"]] = entry
-
-
-# ------------------------------------------------------------------------------------ budget
-class Budget:
-    def __init__(self, options: InstructOptions):
-        self.max_usd, self.max_tokens = options.budget_usd, options.max_tokens_total
-        self.spent_usd = self.spent_tokens = 0.0
-        self.reserved_usd = self.reserved_tokens = 0.0
-        self.price = None
-        if self.max_usd is not None:
-            prices = json.loads(Path(options.prices_file or PROMPTS / "prices.json").read_text())
-            if options.model not in prices:
-                raise InstructError(f"no price for model {options.model!r} in {options.prices_file or PROMPTS / 'prices.json'}; "
-                                    "add one (USD per 1M input/output tokens) or use --max-tokens-total")
-            self.price = prices[options.model]
-
-    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
-        if self.price is None:
-            return 0.0
-        return (prompt_tokens * self.price["input"] + completion_tokens * self.price["output"]) / 1e6
-
-    def reserve(self, prompt_tokens: int, completion_tokens: int) -> bool:
-        tokens, usd = prompt_tokens + completion_tokens, self.cost(prompt_tokens, completion_tokens)
-        if self.max_tokens is not None and self.spent_tokens + self.reserved_tokens + tokens > self.max_tokens:
-            return False
-        if self.max_usd is not None and self.spent_usd + self.reserved_usd + usd > self.max_usd:
-            return False
-        self.reserved_tokens += tokens
-        self.reserved_usd += usd
-        return True
-
-    def settle(self, reserved: tuple[int, int], usage: tuple[int, int] | None) -> None:
-        self.reserved_tokens -= sum(reserved)
-        self.reserved_usd -= self.cost(*reserved)
-        if usage:
-            self.spent_tokens += sum(usage)
-            self.spent_usd += self.cost(*usage)
-
-
 # ------------------------------------------------------------------------------------ the run
 def select_pairs(pairs_dir: str | Path, options: InstructOptions) -> list[dict]:
     from .pairs import load_pairs
@@ -294,147 +223,85 @@ def _requests(pairs: list[dict], options: InstructOptions) -> list[tuple[dict, l
 
 
 def dry_run(pairs_dir: str | Path, out_file: str | Path, options: InstructOptions) -> dict:
-    """Write the prompts that would be sent (JSONL) and their token estimate; no network."""
+    """Write the prompts that would be sent (JSONL), their token estimate and, where the model has a price,
+    the dollar estimate (prompts only, and the worst case with ``max_tokens`` replies); no network."""
     requests = _requests(select_pairs(pairs_dir, options), options)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     total = 0
-    with open(out_file, "w", encoding="utf-8") as fh:
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
         for pair, messages, key in requests:
             tokens = estimate_tokens(messages)
             total += tokens
             fh.write(json.dumps({"id": pair_id(pair), "key": key, "model": options.model, "messages": messages,
                                  "estimated_prompt_tokens": tokens}, ensure_ascii=False) + "\n")
-    worst = total + len(requests) * options.max_tokens
-    return {"requests": len(requests), "estimated_prompt_tokens": total, "max_total_tokens": worst}
+    os.replace(tmp, out_file)
+    replies = len(requests) * options.max_tokens
+    price = Budget(None, None, load_price(options.model, options.prices_file, required=False))
+    known = price.price is not None
+    return {"requests": len(requests), "estimated_prompt_tokens": total, "max_total_tokens": total + replies,
+            "estimated_prompt_usd": round(price.cost(total, 0), 4) if known else None,
+            "max_total_usd": round(price.cost(total, replies), 4) if known else None}
 
 
 def generate_instructions(pairs_dir: str | Path, out_dir: str | Path, options: InstructOptions,
                           progress: bool = True) -> InstructSummary:
-    """The whole run: cache.jsonl, instruct.json (LLaVA records) and summary.json in ``out_dir``."""
+    """The whole run: cache.jsonl, instruct.json (LLaVA records) and summary.json in ``out_dir``.
+
+    Raises ``InstructError`` — after writing both files — when the run was stopped (key refused, wrong URL,
+    dead server) or produced no usable record."""
     api_key = os.environ.get(options.api_key_env)
     if not api_key:
         raise InstructError(f"no API key: set {options.api_key_env} (for a local server without keys any value works, "
                             "e.g. OPENAI_API_KEY=EMPTY), or choose the variable with --api-key-env")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pairs = select_pairs(pairs_dir, options)
-    requests = _requests(pairs, options)
+    requests = _requests(select_pairs(pairs_dir, options), options)
     cache = ResponseCache(out_dir / "cache.jsonl")
-    summary = InstructSummary(pairs=len(requests))
-    budget = Budget(options)
-    for key in {k for _, _, k in requests} & set(cache.entries):
+    summary = InstructSummary(pairs=len(requests), corrupt_cache_lines=cache.corrupt_lines)
+    budget = Budget(options.budget_usd, options.max_tokens_total,
+                    load_price(options.model, options.prices_file, required=options.budget_usd is not None))
+    for key in {k for _, _, k in requests if cache.done(k)}:
         usage = cache.entries[key].get("usage") or {}
-        budget.settle((0, 0), (usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)))
-    todo = [r for r in requests if cache.entries.get(r[2], {}).get("status") != "ok"
-            and cache.entries.get(r[2], {}).get("status") != "failed"]
+        budget.add_spent(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+    todo = [Request(key, messages, pair_id(pair)) for pair, messages, key in requests if not cache.done(key)]
     summary.cached = len(requests) - len(todo)
     started = time.perf_counter()
-    asyncio.run(_send_all(todo, options, api_key, cache, budget, summary, progress))
+    send_all(todo, options, api_key, cache, budget, summary, progress)
     summary.seconds = time.perf_counter() - started
-    summary.cost_usd = round(budget.spent_usd, 6)
+    summary.cost_usd = round(budget.cost(summary.prompt_tokens, summary.completion_tokens), 6)
+    summary.total_cost_usd = round(budget.spent_usd, 6)
     _write_output(requests, cache, options, summary, out_dir)
+    _raise_if_unusable(summary, out_dir)
     return summary
 
 
-async def _send_all(todo, options, api_key, cache, budget, summary, progress) -> None:
-    from openai import AsyncOpenAI
-    from tqdm.auto import tqdm
-
-    client = AsyncOpenAI(base_url=options.base_url, api_key=api_key, max_retries=0, timeout=options.timeout)
-    semaphore = asyncio.Semaphore(options.max_concurrency)
-    stop = asyncio.Event()
-    bar = tqdm(total=len(todo), desc="instruct", unit="req", disable=not progress)
-
-    async def one(pair, messages, key):
-        async with semaphore:
-            if stop.is_set():
-                return
-            await _send_one(client, pair, messages, key, options, cache, budget, summary, stop)
-            bar.update(1)
-
-    try:
-        results = await asyncio.gather(*(one(*r) for r in todo), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise errors[0]
-    finally:
-        bar.close()
-        await client.close()
-
-
-async def _send_one(client, pair, messages, key, options, cache, budget, summary, stop) -> None:
-    import openai
-
-    prompt_estimate = estimate_tokens(messages)
-    reserved = (prompt_estimate, options.max_tokens)
-    if not budget.reserve(*reserved):
-        summary.stopped_by_budget += 1
-        return
-    usage = None
-    try:
-        for attempt in range(options.max_retries + 1):
-            try:
-                response = await client.chat.completions.create(
-                    model=options.model, messages=messages, temperature=options.temperature,
-                    max_tokens=options.max_tokens)
-            except openai.AuthenticationError as exc:
-                stop.set()
-                raise InstructError(f"the endpoint refused the API key ({exc.status_code}); check {options.api_key_env}") from exc
-            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                    openai.APIConnectionError) as exc:
-                if attempt == options.max_retries:
-                    summary.failures[_failure_name(exc)] += 1
-                    return
-                summary.retries += 1
-                await asyncio.sleep(_delay(exc, attempt, options))
-                continue
-            except openai.APIStatusError as exc:  # 400, 403, 404, 422…: the same request would fail again
-                summary.failures[f"http_{exc.status_code}"] += 1
-                cache.append({"key": key, "pair_id": pair_id(pair), "status": "failed",
-                              "error": f"{exc.status_code}: {exc.message}"[:500]})
-                return
-            summary.sent += 1
-            text = response.choices[0].message.content if response.choices else ""
-            if response.usage:
-                usage = (response.usage.prompt_tokens or 0, response.usage.completion_tokens or 0)
-                summary.prompt_tokens += usage[0]
-                summary.completion_tokens += usage[1]
-            # fsync off the event loop, so other requests proceed while this one is made durable
-            await asyncio.to_thread(cache.append, {
-                "key": key, "pair_id": pair_id(pair), "status": "ok", "model": options.model, "text": text or "",
-                "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]} if usage else None,
-                "time": round(time.time(), 3)})
-            return
-    finally:
-        budget.settle(reserved, usage)
-
-
-def _failure_name(exc) -> str:
-    status = getattr(exc, "status_code", None)
-    return f"http_{status}" if status else type(exc).__name__
-
-
-def _delay(exc, attempt: int, options: InstructOptions) -> float:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is not None:
-            try:
-                return min(options.backoff_max, float(value) * scale)
-            except ValueError:
-                pass
-    return min(options.backoff_max, options.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.5)
+def _raise_if_unusable(summary: InstructSummary, out_dir: Path) -> None:
+    where = f"summary: {out_dir / 'summary.json'}"
+    if summary.stop_reason:
+        raise InstructError(f"run stopped: {summary.stop_reason}; {summary.accepted} records kept, "
+                            f"rerun to send the rest ({where})")
+    if summary.pairs and not summary.accepted:
+        why = {**summary.failures, **summary.rejected}
+        if summary.stopped_by_budget:
+            why["over_budget"] = summary.stopped_by_budget
+        raise InstructError(f"no usable instruction data from {summary.pairs} pairs ({why or 'nothing sent'}); "
+                            f"check --base-url / --model and the server, then rerun ({where})")
 
 
 def _write_output(requests, cache: ResponseCache, options: InstructOptions, summary: InstructSummary, out_dir: Path) -> None:
     records = []
     for pair, _, key in requests:
-        entry = cache.entries.get(key)
-        if not entry or entry.get("status") != "ok":
+        if not cache.done(key):
             continue
+        entry = cache.entries[key]
+        usage = entry.get("usage") or {}
+        summary.total_prompt_tokens += usage.get("prompt_tokens", 0)
+        summary.total_completion_tokens += usage.get("completion_tokens", 0)
         turns, reason = validate_reply(entry.get("text", ""), _caption(pair), options.quote_words)
+        if entry.get("refusal"):
+            turns, reason = None, "refusal"
         if reason:
             summary.rejected[reason] += 1
             continue

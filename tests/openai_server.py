@@ -1,8 +1,10 @@
 """A small OpenAI-compatible chat-completions server for tests (real HTTP on 127.0.0.1, a free port).
 
 Its behaviour per request is chosen by a marker in the last user message (``[[429]]``, ``[[500]]``,
-``[[timeout]]``, ``[[malformed]]``, ``[[refusal]]``, ``[[400]]``, ``[[quote]]``); ``fail_first`` makes a marked
-request fail that many times before it succeeds. Every request is recorded.
+``[[timeout]]``, ``[[malformed]]``, ``[[refusal]]``, ``[[400]]``, ``[[quote]]``, ``[[shape]]``: a 200 whose JSON has
+no ``choices``, ``[[html]]``: a 200 that is not JSON at all); ``fail_first`` makes a marked request fail that many
+times before it succeeds. ``always`` gives every request one behaviour (a broken server: ``"500"``, ``"404"``,
+``"html"``, ``"shape"``) until it is set back to ``None``. Every request is recorded.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeOpenAI:
-    def __init__(self, fail_first: int = 2, delay: float = 0.0):
+    def __init__(self, fail_first: int = 2, delay: float = 0.0, always: str | None = None):
         self.fail_first = fail_first
+        self.always = always
         self.delay = delay
         self.requests: list[dict] = []
         self.attempts: dict[str, int] = {}
@@ -49,7 +52,7 @@ class FakeOpenAI:
 
     def handle(self, handler, body: dict) -> None:
         user = body["messages"][-1]["content"]
-        marker = (re.search(r"\[\[(\w+)\]\]", user) or [None, "ok"])[1]
+        marker = self.always or (re.search(r"\[\[(\w+)\]\]", user) or [None, "ok"])[1]
         with self.lock:
             self.requests.append(body)
             count = self.attempts[user] = self.attempts.get(user, 0) + 1
@@ -64,6 +67,12 @@ class FakeOpenAI:
         if marker == "timeout" and transient:
             time.sleep(1.5)
             return self._send(handler, 500, {"error": {"message": "late"}})
+        if marker == "404":
+            return self._send(handler, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+        if marker == "shape":
+            return self._send(handler, 200, {"detail": "this is not a chat completion"})
+        if marker == "html":
+            return self._send(handler, 200, b"<html><body>Welcome to nginx!</body></html>", content_type="text/html")
         if marker == "400":
             return self._send(handler, 400, {"error": {"message": "bad request", "type": "invalid_request_error"}})
         if marker == "401":
@@ -82,11 +91,12 @@ class FakeOpenAI:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 40, "total_tokens": prompt_tokens + 40}})
 
     @staticmethod
-    def _send(handler, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
+    def _send(handler, status: int, payload: dict | bytes, headers: dict | None = None,
+              content_type: str = "application/json") -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
             handler.send_response(status)
-            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Type", content_type)
             handler.send_header("Content-Length", str(len(data)))
             for key, value in (headers or {}).items():
                 handler.send_header(key, value)

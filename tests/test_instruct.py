@@ -155,3 +155,125 @@ def test_validation_reasons():
     assert validate_reply(f"User: What?\nAssistant: {caption}.", caption)[1] == "quotes_caption"
     turns, reason = validate_reply("**User:** What is it?\n**Assistant:** A CT image.\nIt is axial.", caption)
     assert reason is None and turns == [("human", "What is it?"), ("gpt", "A CT image.\nIt is axial.")]
+
+
+# ------------------------------------------------------------------------------------ what is permanent, what is retried
+def _summary_file(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_a_wrong_url_is_not_cached_and_the_fixed_rerun_writes_records(pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAI(always="404") as server:
+        with pytest.raises(InstructError, match="no such URL or model"):
+            generate_instructions(pairs, tmp_path / "out", _options(server), progress=False)
+        assert len(server.requests) <= 4                       # stopped at once, not 11 × 404
+        assert _summary_file(tmp_path / "out")["failures"]["http_404"] >= 1
+        server.always = None                                   # the user fixes --base-url
+        summary = generate_instructions(pairs, tmp_path / "out", _options(server), progress=False)
+    assert summary.cached == 0 and summary.accepted == 7
+
+
+def test_a_200_that_is_not_a_chat_completion_is_retried_by_the_next_run(pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAI(always="shape") as server:
+        with pytest.raises(InstructError, match="no usable instruction data"):
+            generate_instructions(pairs, tmp_path / "out", _options(server), progress=False)
+        assert _summary_file(tmp_path / "out")["failures"] == {"bad_response": 11}
+        server.always = None
+        summary = generate_instructions(pairs, tmp_path / "out", _options(server), progress=False)
+    assert summary.cached == 0 and summary.accepted == 7
+
+
+@pytest.mark.parametrize("always", ["500", "html"])
+def test_a_broken_server_exits_non_zero_with_the_summary_written(pairs, tmp_path, monkeypatch, capsys, always):
+    from medvlm.cli import main
+    from medvlm.cli.errors import RUN_FAILED
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAI(always=always) as server:
+        code = main(["ingest", "instruct", "--pairs", str(pairs), "--out", str(tmp_path / "out"), "--base-url",
+                     server.base_url, "--max-retries", "0", "--timeout", "1"])
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]                  # (progress bars share stderr)
+    assert code == RUN_FAILED and "Traceback" not in err and last.startswith("medvlm: error: ")
+    assert "no usable instruction data from 11 pairs" in last and str(tmp_path / "out" / "summary.json") in last
+    saved = _summary_file(tmp_path / "out")
+    assert saved["accepted"] == 0 and sum(saved["failures"].values()) == 11
+
+
+def test_connection_refused_exits_non_zero_with_the_summary_written(pairs, tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with socket.socket() as sock:          # a port that nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    options = InstructOptions(base_url=f"http://127.0.0.1:{port}/v1", max_retries=1, backoff_base=0.01, timeout=1.0)
+    with pytest.raises(InstructError, match="APIConnectionError"):
+        generate_instructions(pairs, tmp_path / "out", options, progress=False)
+    assert _summary_file(tmp_path / "out")["failures"] == {"APIConnectionError": 11}
+
+
+def test_a_dead_server_stops_the_run_after_consecutive_failures(pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAI(always="500") as server:
+        with pytest.raises(InstructError, match="3 requests in a row failed"):
+            generate_instructions(pairs, tmp_path / "out", _options(server, max_concurrency=1, max_retries=0,
+                                                                    max_consecutive_failures=3), progress=False)
+        assert len(server.requests) == 3
+    assert _summary_file(tmp_path / "out")["not_attempted"] == 8
+
+
+def test_a_cache_line_cut_by_a_kill_does_not_eat_the_next_entry(pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    cache = tmp_path / "out" / "cache.jsonl"
+    with FakeOpenAI(fail_first=0) as server:
+        generate_instructions(pairs, tmp_path / "out", _options(server, limit=3), progress=False)
+        lines = cache.read_text().splitlines(keepends=True)
+        cache.write_text("".join(lines[:-1]) + lines[-1][:40])      # killed in the middle of the last line
+        resumed = generate_instructions(pairs, tmp_path / "out", _options(server, limit=3), progress=False)
+        assert resumed.corrupt_cache_lines == 1 and resumed.cached == 2 and resumed.sent == 1
+        before = len(server.requests)
+        again = generate_instructions(pairs, tmp_path / "out", _options(server, limit=3), progress=False)
+        assert len(server.requests) == before                   # the re-sent entry survived its cut neighbour
+    assert again.cached == 3 and again.accepted == resumed.accepted == 3
+
+
+def test_concurrency_does_not_shrink_what_a_budget_buys(pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    sent = {}
+    with FakeOpenAI(fail_first=0) as server:
+        for concurrency in (1, 16):
+            opts = _options(server, max_concurrency=concurrency, max_tokens=1000, budget_usd=0.06)
+            sent[concurrency] = generate_instructions(pairs, tmp_path / f"c{concurrency}", opts, progress=False).sent
+    assert 1 < sent[1] < 11 and sent[16] == sent[1]
+
+
+def test_a_resumed_run_reports_tokens_and_cost_on_the_same_basis(pairs, tmp_path, monkeypatch):
+    from pmc_ingest.chat_client import load_price
+
+    price = load_price("gpt-4o", None, required=True)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAI(fail_first=0) as server:
+        first = generate_instructions(pairs, tmp_path / "out", _options(server, limit=4), progress=False)
+        second = generate_instructions(pairs, tmp_path / "out", _options(server), progress=False)
+
+    def usd(prompt, completion):
+        return round((prompt * price["input"] + completion * price["output"]) / 1e6, 6)
+
+    assert second.cached == 4 and second.completion_tokens == 40 * 6      # this run: the 6 other OK replies
+    assert second.cost_usd == usd(second.prompt_tokens, second.completion_tokens)
+    assert second.total_completion_tokens == first.completion_tokens + second.completion_tokens
+    assert second.total_cost_usd == pytest.approx(usd(second.total_prompt_tokens, second.total_completion_tokens))
+
+
+def test_dry_run_estimates_dollars(pairs, tmp_path, capsys):
+    from medvlm.cli import main
+
+    info = dry_run(pairs, tmp_path / "prompts.jsonl", InstructOptions(model="gpt-4o", max_tokens=100))
+    assert info["estimated_prompt_usd"] == round(info["estimated_prompt_tokens"] * 2.5 / 1e6, 4)
+    assert info["max_total_usd"] == round((info["estimated_prompt_tokens"] * 2.5 + 11 * 100 * 10.0) / 1e6, 4)
+    assert main(["ingest", "instruct", "--pairs", str(pairs), "--out", str(tmp_path / "d"), "--dry-run"]) == 0
+    assert "(about $" in capsys.readouterr().out
+    assert dry_run(pairs, tmp_path / "p2.jsonl", InstructOptions(model="my-local-model"))["max_total_usd"] is None

@@ -41,29 +41,34 @@ def _register_alignment(steps) -> None:
 
 
 def _register_instruct(steps) -> None:
+    from pmc_ingest.instruct import InstructOptions
+
+    defaults = InstructOptions()
     instruct = steps.add_parser("instruct", help="pairs → GPT-written instruction conversations (any OpenAI-compatible URL)")
     instruct.add_argument("--pairs", required=True, help="the folder `medvlm ingest pmc` wrote")
     instruct.add_argument("--out", required=True, help="output folder: instruct.json, cache.jsonl, summary.json")
-    instruct.add_argument("--model", default="gpt-4o", help="model name the endpoint serves")
+    instruct.add_argument("--model", default=defaults.model, help="model name the endpoint serves")
     instruct.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
-    instruct.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
-    instruct.add_argument("--max-concurrency", type=int, default=8, help="requests in flight at once")
-    instruct.add_argument("--max-retries", type=int, default=6, help="retries of a rate-limited or failed request")
-    instruct.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    instruct.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    instruct.add_argument("--max-tokens", type=int, default=1024, help="completion tokens per request")
+    instruct.add_argument("--api-key-env", default=defaults.api_key_env, help="environment variable holding the key")
+    instruct.add_argument("--max-concurrency", type=int, default=defaults.max_concurrency, help="requests in flight at once")
+    instruct.add_argument("--max-retries", type=int, default=defaults.max_retries, help="retries of a rate-limited or failed request")
+    instruct.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds per request")
+    instruct.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature")
+    instruct.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="completion tokens per request")
     instruct.add_argument("--no-mentions", dest="with_mentions", action="store_false",
                           help="leave the inline mentions out of the prompt (LLaVA-Med's 60K vs 60K-IM)")
     instruct.add_argument("--budget-usd", type=float, help="never send a request that could cross this spend")
     instruct.add_argument("--max-tokens-total", type=int, help="never send a request that could cross this many tokens")
+    instruct.add_argument("--max-consecutive-failures", type=int, default=defaults.max_consecutive_failures,
+                          help="stop the run after this many failed requests in a row (a wrong URL or dead server)")
     instruct.add_argument("--prices", dest="prices_file", help="USD per 1M tokens per model (default: prompts/prices.json)")
     instruct.add_argument("--modality", dest="modalities", action="append", help="only pairs with this modality tag")
     instruct.add_argument("--limit", type=int, help="at most this many pairs")
     instruct.add_argument("--sample", type=int, help="a seeded random sample of this many pairs")
-    instruct.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    instruct.add_argument("--seed", type=int, default=defaults.seed, help="seed of --sample")
     instruct.add_argument("--system-prompt", dest="system_file", help="replace prompts/instruct_system.txt")
     instruct.add_argument("--fewshot", dest="fewshot_file", help="replace prompts/instruct_fewshot.jsonl")
-    instruct.add_argument("--dry-run", action="store_true", help="write the prompts (prompts.jsonl) and a token estimate")
+    instruct.add_argument("--dry-run", action="store_true", help="write the prompts (prompts.jsonl) and a token and dollar estimate; no network")
     instruct.set_defaults(handler=run_instruct)
 
 
@@ -100,8 +105,11 @@ def run_instruct(args) -> int:
     if args.dry_run:
         out = Path(args.out) / "prompts.jsonl"
         info = dry_run(args.pairs, out, options)
+        cost = (f" (about ${info['estimated_prompt_usd']:,.2f}, at most ${info['max_total_usd']:,.2f} with replies "
+                f"at {args.model}'s price)" if info["max_total_usd"] is not None
+                else f" (no price for {args.model} in the prices file, so no dollar estimate)")
         print(f"{info['requests']} prompts written to {out}; about {info['estimated_prompt_tokens']:,} prompt tokens, "
-              f"at most {info['max_total_tokens']:,} tokens with replies")
+              f"at most {info['max_total_tokens']:,} tokens with replies{cost}")
         return 0
     summary = generate_instructions(args.pairs, args.out, options)
     out = Path(args.out)

@@ -16,8 +16,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("%(default)" in text or default in (None, False, argparse.SUPPRESS) or default == []
-                or not action.option_strings):
+        if ("%(default)" in text or default in (None, argparse.SUPPRESS) or default == []
+                or not action.option_strings or action.nargs == 0):   # nargs 0: on/off flags
             return text
         return f"{text} (default: %(default)s)".strip()
 
