@@ -58,6 +58,7 @@ class StageConfig:
     init_projector: str | None = None          # LLaVA's pretrain_mm_mlp_adapter
     trainable: str = "projector+llm"            # projector | projector+llm | lora | ...+vision
     lora: LoraSettings = field(default_factory=LoraSettings)
+    quantize: Literal["none", "4bit"] = "none"  # 4bit: QLoRA (bitsandbytes NF4) with trainable: lora
     data: list[DataSource] = field(default_factory=list)
     template: str | None = None                 # llava_v1 | plain | chat_template; None: the model's own
     system: str | None = None
@@ -95,6 +96,9 @@ class StageConfig:
         _check_ranges(self, STAGE_RANGES)
         check_trainable(self.trainable)
         check_template(self.template)
+        if self.quantize == "4bit" and ("lora" not in self.trainable.split("+") or self.deepspeed):
+            raise ConfigError(f"quantize: 4bit trains LoRA adapters on a frozen 4-bit model (QLoRA): set trainable: lora "
+                              f"and no deepspeed (got trainable: {self.trainable}, deepspeed: {self.deepspeed})")
         check_model_source(self.model)
 
 

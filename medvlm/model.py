@@ -86,12 +86,14 @@ def num_image_tokens(config) -> int:
 
 # --------------------------------------------------------------------------------------- sources
 def load_model(source: dict, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
-               attn_implementation: str | None = None) -> LlavaBundle:
+               attn_implementation: str | None = None, quantize: str | None = None) -> LlavaBundle:
     """Dispatch on a model source dict: ``{checkpoint: DIR}``, ``{compose: {...}}`` or ``{preset: tiny}``.
 
     A ``checkpoint`` in LLaVA's own format (``LlavaLlamaForCausalLM``/``LlavaMistralForCausalLM``) is
     converted in memory (``convert.py``); ``vision: CLIP_DIR`` beside it names its vision tower when the
     checkpoint has no tower weights and its ``mm_vision_tower`` is not a local folder."""
+    if quantize not in (None, "none"):
+        return load_quantized(source, quantize, trust_remote_code=trust_remote_code)
     extra = {"vision"} if isinstance(source, dict) and "checkpoint" in source else set()
     if not isinstance(source, dict) or len(set(source) - extra) != 1:
         raise ValueError(f"model source must have exactly one of checkpoint/compose/preset, got {source!r}")
@@ -133,6 +135,65 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, t
 def read_metadata(path: str | os.PathLike) -> dict:
     file = Path(path) / METADATA_FILE
     return json.loads(file.read_text()) if file.is_file() else {}
+
+
+# --------------------------------------------------------------------------------------- QLoRA
+QUANTIZE_CHOICES = ("none", "4bit")
+# kept in full precision: the tower (frozen, feeds the feature cache), the projector (trained fully, as
+# LLaVA's QLoRA keeps mm_projector) and the LM head / embeddings (the rows of added tokens)
+NOT_QUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head", "model.language_model.embed_tokens"]
+
+
+def bnb_4bit_config():
+    """QLoRA's quantisation (Dettmers et al.; LLaVA's and LLaMA-Factory's 4-bit): NF4, double quantisation,
+    bf16 compute; the language model's linear layers only."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=NOT_QUANTIZED)
+
+
+def _require_bitsandbytes() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("quantize: 4bit needs bitsandbytes: pip install 'bitsandbytes>=0.45' "
+                           "(or pip install 'medvlm[qlora]'), or set quantize: none")
+
+
+def load_quantized(source: dict, quantize: str, trust_remote_code: bool = False) -> LlavaBundle:
+    """A model source with its language model in 4-bit NF4 on this process's device (``cuda:$LOCAL_RANK``,
+    else the CPU). An HF folder is quantised as it loads; other sources (a preset, ``compose``, a LLaVA-format
+    folder) are built in bf16, written to a temporary folder and loaded from there."""
+    import tempfile
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if quantize != "4bit":
+        raise ValueError(f"quantize: {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
+    _require_bitsandbytes()
+    path = source.get("checkpoint") if isinstance(source, dict) else None
+    from .convert import is_llava_format
+
+    if path is None or is_llava_format(path):
+        bundle = load_model(source, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
+        with tempfile.TemporaryDirectory(prefix="medvlm-qlora-") as tmp:
+            save_folder(bundle, tmp)
+            quantized = load_quantized({"checkpoint": tmp}, quantize)
+            quantized.metadata = {**bundle.metadata, "quantize": quantize}
+            return quantized
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, quantization_config=bnb_4bit_config(), dtype=torch.bfloat16, device_map={"": device},
+        trust_remote_code=trust_remote_code, use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    metadata = {**read_metadata(path), "quantize": quantize}
+    return LlavaBundle(model, processor, metadata.get("template", "llava_v1"), metadata)
+
+
+def is_quantized(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
 def build_tiny(seed: int = 0) -> LlavaBundle:
@@ -309,6 +370,15 @@ def apply_trainable(bundle: LlavaBundle, policy: str, lora: dict | None = None) 
     """Freeze everything, then unfreeze the parts ``policy`` names; ``lora`` wraps the LM with peft."""
     parts = parse_trainable(policy)
     model = bundle.model
+    if is_quantized(model):
+        if "lora" not in parts:
+            raise ValueError(f"trainable: {policy} with a 4-bit model: quantized weights cannot train; "
+                             "use trainable: lora (QLoRA) or quantize: none")
+        from peft import prepare_model_for_kbit_training
+
+        # fp32 for every weight that is not 4-bit (projector, norms, head); gradient checkpointing is the
+        # stage's own choice
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.requires_grad_(False)
     inner = model.model
     if "projector" in parts:
@@ -350,10 +420,31 @@ def trainable_summary(model) -> dict[str, int]:
 
 # --------------------------------------------------------------------------------------- saving
 def merged_model(model):
-    """A plain ``LlavaForConditionalGeneration`` with LoRA folded in (the model itself when no LoRA)."""
+    """A plain ``LlavaForConditionalGeneration`` with LoRA folded in (the model itself when no LoRA); a 4-bit
+    (QLoRA) model comes back de-quantised to bf16."""
+    if is_quantized(model):
+        return dequantized_merge(model)
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model
+
+
+@torch.no_grad()
+def dequantized_merge(model, dtype: torch.dtype = torch.bfloat16):
+    """QLoRA export: each 4-bit weight de-quantised to ``dtype`` and its LoRA update added there — not
+    re-quantised, as peft's merge into a 4-bit layer does — then the peft wrappers removed (the projector's
+    trained copy kept); the result has no quantisation config and saves as a normal folder."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.dequantize(dtype=dtype)   # replaces every bnb Linear4bit, those inside LoRA wrappers included
+    for module in base.modules():
+        if isinstance(module, LoraLayer):
+            layer = module.get_base_layer()
+            for adapter in module.active_adapters:
+                layer.weight += module.get_delta_weight(adapter).to(layer.weight.dtype)
+    plain = model.unload() if hasattr(model, "unload") else base
+    return plain.to(dtype)
 
 
 def save_folder(bundle: LlavaBundle, out_dir: str | os.PathLike, state_dict: dict | None = None,

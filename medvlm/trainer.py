@@ -163,7 +163,7 @@ class Trainer:
         # A preset is initialised randomly: build it before a ZeRO-3 accelerator exists, so zero.Init
         # does not change its initialisation; real checkpoints load after, partitioned by zero.Init.
         if self.bundle is None and "preset" in self.config.model:
-            self.bundle = load_model(self.config.model)
+            self.bundle = load_model(self.config.model, quantize=self.config.quantize)
         self.accelerator = self._make_accelerator()
         self.is_main = self.accelerator.is_main_process
         self.rank = self.accelerator.process_index
@@ -173,7 +173,7 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg = self.config
         if self.bundle is None:
-            self.bundle = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            self.bundle = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, quantize=cfg.quantize)
         if cfg.init_projector:
             load_projector(self.bundle.model, cfg.init_projector)
         apply_trainable(self.bundle, cfg.trainable, to_dict(cfg.lora))
