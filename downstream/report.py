@@ -23,7 +23,7 @@ UNPARSED = "unparsed"
 METRICS = ("closed_accuracy", "open_recall", "open_f1", "open_exact_match")
 
 
-class ReportInputError(ValueError):
+class ReportInputError(FileNotFoundError):
     """An evaluation folder without the files the page is made from."""
 
 

@@ -315,7 +315,7 @@ def checkpoint_files(folder: str | os.PathLike) -> list[tuple[str, int]]:
 def push(folder: str | os.PathLike, repo: str, dry_run: bool = False, private: bool = False,
          message: str | None = None) -> dict:
     """Upload ``folder`` to Hub repo ``repo`` (or copy it to a local folder); writes the card first if missing.
-    Returns ``{"target", "files", "uploaded", "url"}``."""
+    Returns ``{"target", "files", "uploaded", "url", "card_written_at_push"}``."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise PushError(f"{folder}: not a checkpoint folder (no config.json); pass a stage's checkpoint/")
@@ -325,7 +325,8 @@ def push(folder: str | os.PathLike, repo: str, dry_run: bool = False, private: b
     if not (folder / CARD_FILE).is_file() and not dry_run:
         write_card(folder)
     files = checkpoint_files(folder)
-    result = {"target": str(local or repo), "files": files, "uploaded": False, "url": None}
+    result = {"target": str(local or repo), "files": files, "uploaded": False, "url": None,
+              "card_written_at_push": not (folder / CARD_FILE).is_file()}
     if dry_run:
         return result
     message = message or f"Upload {_model_name(_read_meta(folder))} with medvlm"
@@ -370,8 +371,14 @@ def _copy_to(folder: Path, target: Path, files: list[tuple[str, int]]) -> Path:
 def _upload(folder: Path, repo: str, files: list[tuple[str, int]], private: bool, message: str) -> str:
     from huggingface_hub import HfApi
 
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
     api = HfApi()
-    api.create_repo(repo, private=private, exist_ok=True)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo, allow_patterns=[name for name, _ in files],
-                               commit_message=message)
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo, allow_patterns=[name for name, _ in files],
+                                   commit_message=message)
+    except (HfHubHTTPError, LocalTokenNotFoundError, OSError) as exc:
+        raise RuntimeError(f"push to {repo} failed ({' '.join(str(exc).split())}); log in with `hf auth login` "
+                           "or set HF_TOKEN, and check the repository name and your write access") from exc
     return str(getattr(commit, "commit_url", commit))

@@ -24,7 +24,7 @@ from .instruct import _caption, pair_id
 from .pairs import load_pairs
 
 
-class ReportError(ValueError):
+class ReportError(FileNotFoundError):
     """Input folders a report cannot read; the message names the folder and what to pass."""
 
 

@@ -133,3 +133,20 @@ def test_push_rejects_a_malformed_repo_id(trained):
 def test_push_needs_a_checkpoint_folder(tmp_path):
     with pytest.raises(PushError, match="no config.json"):
         push(tmp_path, "someone/x", dry_run=True)
+
+
+def test_push_command_dry_run_prints_the_files(trained, capsys):
+    from medvlm.cli import main
+
+    _, _, result = trained
+    assert main(["push", str(result.checkpoint), "--repo", "someone/medvlm-tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "model.safetensors" in out and CARD_FILE in out and "would go to someone/medvlm-tiny" in out
+
+
+def test_push_command_names_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    from medvlm.cli import main
+
+    assert main(["push", str(tmp_path), "--repo", "someone/x", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no config.json" in err

@@ -137,3 +137,22 @@ def test_eval_page_needs_an_eval_folder(tmp_path):
 
     with pytest.raises(ReportInputError, match="no answers.jsonl"):
         write_eval_report(tmp_path)
+
+
+def test_report_commands_print_where_each_page_went(data, tmp_path, capsys):
+    from medvlm.cli import main
+
+    assert main(["report", "pairs", str(data["pairs"]), "--out", str(tmp_path / "p.html")]) == 0
+    assert main(["report", "instruct", str(data["instruct"]), "--pairs", str(data["pairs"]),
+                 "--out", str(tmp_path / "i.html")]) == 0
+    assert main(["report", "eval", str(data["eval"]), "--out", str(tmp_path / "e.html")]) == 0
+    out = capsys.readouterr().out
+    for name in ("p.html", "i.html", "e.html"):
+        assert f"report: {tmp_path / name}" in out and (tmp_path / name).is_file()
+
+
+def test_report_eval_on_a_folder_without_answers_is_a_one_line_input_error(tmp_path, capsys):
+    from medvlm.cli import main
+
+    assert main(["report", "eval", str(tmp_path)]) == 4
+    assert "no answers.jsonl" in capsys.readouterr().err

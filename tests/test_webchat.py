@@ -107,3 +107,10 @@ def test_chromium_uploads_asks_and_sees_the_answer(server, tmp_path):
         assert browser.execute_script("return document.querySelector('#image-preview img').naturalWidth") > 0
     finally:
         browser.quit()
+
+
+def test_chat_without_a_question_or_web_is_a_usage_error(server, capsys):
+    from medvlm.cli import main
+
+    assert main(["chat", "--model", str(server["checkpoint"])]) == 2
+    assert "--web" in capsys.readouterr().err
