@@ -437,6 +437,7 @@ def _remote_plan(inputs: list[str | Path], options: IngestOptions, log: WorkLog)
     ids, superseded = read_id_list(options.pmcids)
     store = S3Store(str(inputs[0]), S3Options(endpoint_url=options.endpoint_url, concurrency=options.concurrency,
                                               timeout=options.timeout, retries=options.retries))
+    store.check()
     return _Plan(shard(ids, options.shard), lambda key: (key,), lambda key: _fetch_and_process(store, key, options, log),
                  lambda: ThreadPoolExecutor(max_workers=max(1, options.concurrency)), superseded, store)
 

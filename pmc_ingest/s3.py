@@ -109,6 +109,17 @@ class S3Store:
             return data
         raise FetchError(f"{self.url(key)}: failed after {attempts} attempts")
 
+    def check(self) -> None:
+        """One small listing before a run, so a wrong bucket or endpoint is one clear error, not a
+        failure per article."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except (ClientError, BotoCoreError) as exc:
+            raise FetchError(f"s3://{self.bucket}/{self.prefix}: cannot list the bucket ({exc}); check the bucket "
+                             f"name and --endpoint-url{'' if self.options.signed else ' (requests are unsigned)'}") from exc
+
     def list_prefixes(self, prefix: str) -> list[str]:
         """Sub-"folders" directly under ``prefix`` (``PMC123.`` → ``PMC123.1``, ``PMC123.2``)."""
         from botocore.exceptions import BotoCoreError, ClientError

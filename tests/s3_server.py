@@ -23,8 +23,11 @@ BUCKET = "pmc-oa-opendata"
 
 
 class LocalS3:
-    def __init__(self, bucket: str = BUCKET, delay_s: float = 0.0):
-        self.bucket, self.delay_s = bucket, delay_s
+    """``own_process=True`` runs moto as ``python -m moto.server`` (benchmarks: the server does not share
+    the client's interpreter lock); the default is ``ThreadedMotoServer`` in this process (tests)."""
+
+    def __init__(self, bucket: str = BUCKET, delay_s: float = 0.0, own_process: bool = False):
+        self.bucket, self.delay_s, self.own_process = bucket, delay_s, own_process
         self.requests: Counter = Counter()
         self.failures: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -35,9 +38,12 @@ class LocalS3:
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.moto.start()
-        self.backend = "%s:%d" % self.moto.get_host_and_port()
+        if self.own_process:
+            self.backend = self._start_process()
+        else:
+            self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            self.moto.start()
+            self.backend = "%s:%d" % self.moto.get_host_and_port()
         self.proxy = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.proxy.daemon_threads = True
         threading.Thread(target=self.proxy.serve_forever, daemon=True).start()
@@ -45,10 +51,34 @@ class LocalS3:
         self.client().create_bucket(Bucket=self.bucket)
         return self
 
+    def _start_process(self) -> str:
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return f"127.0.0.1:{port}"
+            except OSError:
+                time.sleep(0.1)
+        self.process.kill()
+        raise RuntimeError("moto server did not start within 30 s")
+
     def __exit__(self, *exc) -> None:
         self.proxy.shutdown()
         self.proxy.server_close()
-        self.moto.stop()
+        if self.own_process:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        else:
+            self.moto.stop()
 
     def client(self):
         """A signed boto3 client straight to moto (uploads do not go through the counting proxy)."""

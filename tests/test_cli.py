@@ -218,6 +218,7 @@ def test_printed_paths_have_no_double_slash(tmp_path, monkeypatch, capsys):
 
     class Report:
         shards = ["x"]
+        pairs_kept = 1
 
         def summary(self):
             return "1 article"

@@ -97,10 +97,10 @@ def test_a_killed_run_resumes_without_fetching_any_media_twice(s3, ids, tmp_path
     s3.requests.clear()
     s3.delay_s = 0.15  # slow enough to be killed mid-run
     out = tmp_path / "out"
-    code = (f"from pmc_ingest.pairs import IngestOptions, ingest_pmc\n"
-            f"ingest_pmc([{URL!r}], {str(out)!r}, IngestOptions(pmcids={str(ids)!r}, endpoint_url={s3.url!r}, "
-            f"concurrency=1), progress=False)\n")
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    command = [sys.executable, "-m", "medvlm.cli", "ingest", "pmc", URL, "--pmcids", str(ids), "--endpoint-url", s3.url,
+               "--concurrency", "1", "--out", str(out)]
+    child = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     in_flight = out / ".ingest-all" / "fetch" / "PMC6500000.1"  # the last article, part-way through its media
     deadline = time.time() + 60
     while time.time() < deadline and not (in_flight.is_dir() and any(in_flight.glob("*.jpg"))):
@@ -114,3 +114,17 @@ def test_a_killed_run_resumes_without_fetching_any_media_twice(s3, ids, tmp_path
     assert report.resumed_articles >= 2
     assert max(s3.gets(".jpg").values()) == 1
     assert rows(out) == rows(tmp_path / "whole")
+
+
+def test_cli_reads_the_bucket_and_refuses_a_wrong_endpoint_in_one_line(s3, ids, tmp_path, capsys):
+    from medvlm.cli import main
+
+    assert main(["ingest", "pmc", URL, "--pmcids", str(ids), "--endpoint-url", s3.url, "--out", str(tmp_path / "o")]) == 0
+    assert len(load_pairs(tmp_path / "o")) == 8
+    capsys.readouterr()
+    assert main(["ingest", "pmc", URL, "--pmcids", str(ids), "--endpoint-url", "http://127.0.0.1:9",
+                 "--retries", "0", "--timeout", "2", "--out", str(tmp_path / "p")]) == 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot list the bucket" in err[0] and "--endpoint-url" in err[0]
+    assert main(["ingest", "pmc", URL, "--out", str(tmp_path / "q")]) == 2
+    assert "needs --pmcids" in capsys.readouterr().err

@@ -67,3 +67,11 @@ def test_near_duplicates_are_removed_on_request(shards, tmp_path):
 def test_merge_refuses_to_write_into_an_input(shards):
     with pytest.raises(ValueError, match="is one of the inputs"):
         merge_pairs(shards, shards[0])
+
+
+def test_merge_command_prints_counts_and_where_the_output_went(shards, tmp_path, capsys):
+    from medvlm.cli import main
+
+    assert main(["ingest", "merge", *map(str, shards), "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "5 rows in, 1 exact and 0 near duplicates removed, 4 pairs kept" in out and str(tmp_path / "m") in out

@@ -1,7 +1,8 @@
-"""``medvlm ingest pmc|alignment|instruct``: PMC OA packages → pairs → training data."""
+"""``medvlm ingest pmc|merge|alignment|instruct``: PMC (Cloud Service or legacy) → pairs → training data."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -9,24 +10,52 @@ def register(sub) -> None:
     ingest = sub.add_parser("ingest", help="PubMed Central OA packages → pairs → training data")
     steps = ingest.add_subparsers(title="ingest commands", metavar="STEP")
     _register_pmc(steps)
+    _register_merge(steps)
     _register_alignment(steps)
     _register_instruct(steps)
 
 
 def _register_pmc(steps) -> None:
-    pmc = steps.add_parser("pmc", help="PMC OA packages (.tar.gz / folders / .nxml) → figure-caption pairs")
-    pmc.add_argument("inputs", nargs="+", help="packages, article folders, or folders holding many of either")
+    pmc = steps.add_parser("pmc", help="PMC articles → figure-caption pairs: s3://pmc-oa-opendata, a local "
+                           "Cloud Service mirror (PMCID.N/ folders), or legacy .tar.gz / folders / .nxml")
+    pmc.add_argument("inputs", nargs="+", help="s3://BUCKET[/PREFIX] (with --pmcids), or local folders, "
+                     "article-version folders, packages or XML files")
     pmc.add_argument("--out", required=True, help="output folder: pairs-*.parquet, images/, report.json")
-    pmc.add_argument("--oa-file-list", help="PMC's oa_file_list.csv: keep only listed articles, take their licenses")
+    pmc.add_argument("--pmcids", help="(s3://) PMCIDs to fetch, one per line (PMC123 or PMC123.2), or PMC's S3 "
+                     "inventory CSV (.csv/.csv.gz)")
+    pmc.add_argument("--endpoint-url", help="(s3://) any S3-compatible endpoint, e.g. a lab's MinIO mirror "
+                     "(default: AWS, unsigned)")
+    pmc.add_argument("--concurrency", type=int, default=16, help="(s3://) articles fetched at once")
+    pmc.add_argument("--timeout", type=float, default=30.0, help="(s3://) seconds per request")
+    pmc.add_argument("--retries", type=int, default=5, help="(s3://) retries per request, with backoff")
+    pmc.add_argument("--oa-file-list", help="legacy oa_file_list.csv: keep only listed articles, take their licenses")
     pmc.add_argument("--license", dest="licenses", action="append",
-                     help="allowed license (repeatable), e.g. --license 'CC BY' --license CC0")
+                     help="allowed license (repeatable), e.g. --license 'CC BY' --license CC0; matched against "
+                     "the metadata's license_code, else the JATS <license>")
     pmc.add_argument("--num-proc", type=int, default=1, help="parser processes")
     pmc.add_argument("--shard", help="i/n: process every n-th article starting at i (cluster array jobs)")
     pmc.add_argument("--min-caption-chars", type=int, default=20, help="skip figures with shorter captions")
     pmc.add_argument("--max-caption-chars", type=int, default=4000, help="skip figures with longer captions")
     pmc.add_argument("--min-image-side", type=int, default=64, help="skip images smaller than this (pixels)")
+    pmc.add_argument("--max-image-mb", type=float, default=64.0, help="skip figure files larger than this, unread")
+    pmc.add_argument("--max-image-pixels", type=int, default=64_000_000,
+                     help="skip images with more pixels than this, undecoded")
     pmc.add_argument("--rows-per-shard", type=int, default=10_000, help="pairs per Parquet shard")
     pmc.set_defaults(handler=run_pmc)
+
+
+def _register_merge(steps) -> None:
+    merge = steps.add_parser("merge", help="shard outputs of `ingest pmc` → one pairs table, images repeated "
+                             "across shards removed (earliest article kept)")
+    merge.add_argument("inputs", nargs="+", metavar="OUT", help="folders `medvlm ingest pmc` wrote")
+    merge.add_argument("--out", required=True, help="new output folder: pairs-*.parquet, images/ (hard links), "
+                       "report.json")
+    merge.add_argument("--near-duplicates", action="store_true",
+                       help="also remove perceptual near-duplicates (phash; costs an image decode per pair)")
+    merge.add_argument("--max-distance", type=int, default=4, help="phash bits that may differ in a near-duplicate")
+    merge.add_argument("--num-proc", type=int, default=4, help="threads hashing images for --near-duplicates")
+    merge.add_argument("--rows-per-shard", type=int, default=10_000, help="pairs per Parquet shard")
+    merge.set_defaults(handler=run_merge)
 
 
 def _register_alignment(steps) -> None:
@@ -73,16 +102,38 @@ def _register_instruct(steps) -> None:
 
 
 def run_pmc(args) -> int:
+    from medvlm.cli import errors
     from pmc_ingest.pairs import IngestOptions, ingest_pmc
 
-    options = IngestOptions(min_caption_chars=args.min_caption_chars, max_caption_chars=args.max_caption_chars,
-                            min_image_side=args.min_image_side, licenses=args.licenses, num_proc=args.num_proc,
-                            shard=args.shard, oa_file_list=args.oa_file_list, rows_per_shard=args.rows_per_shard)
+    options = IngestOptions(
+        min_caption_chars=args.min_caption_chars, max_caption_chars=args.max_caption_chars,
+        min_image_side=args.min_image_side, max_image_bytes=int(args.max_image_mb * 2**20),
+        max_image_pixels=args.max_image_pixels, licenses=args.licenses, num_proc=args.num_proc, shard=args.shard,
+        oa_file_list=args.oa_file_list, rows_per_shard=args.rows_per_shard, pmcids=args.pmcids,
+        endpoint_url=args.endpoint_url, concurrency=args.concurrency, timeout=args.timeout, retries=args.retries)
     report = ingest_pmc(args.inputs, args.out, options)
     print(report.summary())
     out = Path(args.out)
     print(f"pairs: {out / 'pairs-*.parquet'} ({len(report.shards)} shard(s)); images: {out / 'images'}; "
           f"report: {out / 'report*.json'}")
+    if getattr(report, "retry_later", 0):
+        return errors.INTERRUPTED  # published what it has; the same command retries the rest
+    if report.pairs_kept == 0:
+        print("medvlm: error: no pairs were kept; see the report for why (bad inputs, filters)", file=sys.stderr)
+        return errors.RUN_FAILED
+    return 0
+
+
+def run_merge(args) -> int:
+    from pmc_ingest.merge import MergeOptions, merge_pairs
+
+    report = merge_pairs(args.inputs, args.out, MergeOptions(
+        near_duplicates=args.near_duplicates, max_distance=args.max_distance, num_proc=args.num_proc,
+        rows_per_shard=args.rows_per_shard))
+    out = Path(args.out)
+    print(report.summary())
+    print(f"pairs: {out / 'pairs-*.parquet'} ({len(report.shards)} shard(s)); images: {out / 'images'}; "
+          f"report: {out / 'report.json'}")
     return 0
 
 
