@@ -76,6 +76,7 @@ class StageConfig:
     overlength: Literal["skip", "truncate"] = "skip"
     image_aspect_ratio: Literal["pad", "resize"] = "pad"
     group_by_length: bool | Literal["auto"] = "auto"   # auto: group when random batches would pad ≥ 10%
+    pack_by_image: bool | Literal["auto"] = False      # questions about one image share one prefix (packing.py)
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     deepspeed: str | None = None                # zero2 | zero3 | path to a DeepSpeed JSON

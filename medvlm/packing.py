@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from .config import ConfigError
 from .conversation import IGNORE_INDEX
 from .generate import shared_prefix_length
 
@@ -37,7 +38,7 @@ PREFIX, PADDING = 0, -1          # segment ids; questions are numbered from 1 wi
 MASKABLE = ("sdpa", "eager", "flex_attention")   # attention implementations that take a custom mask
 
 
-class PackingError(ValueError):
+class PackingError(ConfigError):
     """Packing cannot run with this model or data; the message says what to change."""
 
 

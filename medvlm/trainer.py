@@ -58,10 +58,12 @@ from .checkpoint import (ResumeCheckpoints, atomic_folder, final_checkpoint, mer
                          strip_peft_prefix, trim_log)
 from .config import ConfigError, StageConfig, config_changes, config_hash, resume_safe, to_dict
 from .conversation import IGNORE_INDEX
-from .data import Collator, ConversationDataset, DataError, LengthGroupedBatchSampler, choose_grouping
+from .data import (Collator, ConversationDataset, DataError, ImageGroupedBatchSampler, LengthGroupedBatchSampler,
+                   choose_grouping)
 from .fileio import atomic_path, atomic_write_json
 from .model import (PROJECTOR_FILE, LlavaBundle, apply_trainable, load_model, load_projector, parse_trainable,
                     save_folder, save_projector, trainable_summary)
+from .packing import PackedCollator, choose_packing, packed_loss
 
 logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -196,9 +198,14 @@ class Trainer:
         self.group_by_length = choose_grouping(cfg.group_by_length, self.dataset.lengths, cfg.batch_size, cfg.seed)
         self.sampler = LengthGroupedBatchSampler(self.dataset.lengths, cfg.batch_size, seed=cfg.seed,
                                                  group_by_length=self.group_by_length)
+        collate = Collator(tokenizer.pad_token_id)
+        images = [str(e.image_path) if e.image_path is not None else None for e in self.dataset.examples]
+        self.packed = choose_packing(cfg.pack_by_image, images, self.bundle.model)
+        if self.packed:  # batches formed from images; the questions about one image share one prefix (packing.py)
+            self.sampler = ImageGroupedBatchSampler(images, cfg.batch_size, seed=cfg.seed)
+            collate = PackedCollator(tokenizer.pad_token_id, self.bundle.image_token_id)
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=cfg.num_workers,
-            collate_fn=Collator(tokenizer.pad_token_id),
+            self.dataset, batch_sampler=self.sampler, num_workers=cfg.num_workers, collate_fn=collate,
         )
 
     def _setup_schedule(self) -> None:
@@ -392,7 +399,7 @@ class Trainer:
         self._log(f"stage {cfg.name}: {len(self.dataset)} examples, {self.total_steps} optimizer steps "
                   f"({self.num_epochs} epoch(s)), trainable {self.counts['trainable']:,} / {self.counts['total']:,} "
                   f"parameters, {acc.num_processes} process(es), precision {PRECISION_NAMES.get(acc.mixed_precision)}, "
-                  f"template {self.template}, {'length-grouped' if self.group_by_length else 'random'} batches, "
+                  f"template {self.template}, {self._batching()} batches, "
                   f"feature cache {'on' if self.feature_cache else 'off'}")
         self.start_time = time.perf_counter()
         self.samples_at_start = self.state.samples_seen
@@ -446,6 +453,10 @@ class Trainer:
 
         The causal-LM loss transformers computes (fp32 logits, mean over supervised tokens); with
         ``answer_logits_only`` the LM head runs only at the positions that have a label."""
+        if "segment_ids" in batch:  # shared-image packing: the same loss, one prefix per image (packing.py)
+            inputs = {k: v for k, v in self._model_inputs(model, batch).items() if k != "attention_mask"}
+            with self.accelerator.autocast() if batch.get("image_keys") else contextlib.nullcontext():
+                return packed_loss(model, batch, inputs), int(batch["loss_targets"].numel())
         labels = batch["labels"]
         keep = answer_positions(labels) if self.config.answer_logits_only else None
         head = {"labels": labels} if keep is None else {"logits_to_keep": keep[0]}
@@ -470,8 +481,14 @@ class Trainer:
         return {"inputs_embeds": embeds_with_image_features(base, batch["input_ids"], features),
                 "attention_mask": batch["attention_mask"]}
 
+    def _batching(self) -> str:
+        if self.packed:
+            return "image-grouped, packed"
+        return "length-grouped" if self.group_by_length else "random"
+
     def _account(self, batch: dict, loss: float) -> None:
-        state, n = self.state, int(batch["input_ids"].shape[0]) * self.accelerator.num_processes
+        questions = batch.get("num_questions", int(batch["input_ids"].shape[0]))  # packed rows hold several
+        state, n = self.state, questions * self.accelerator.num_processes
         state.window_loss += loss
         state.window_micro += 1
         state.window_samples += n

@@ -215,3 +215,21 @@ def test_packed_equals_unpacked_on_smollm2_within_1e_4(tmp_path, trainable):
     dataset = ConversationDataset([DataSource(str(data), str(images))], bundle, bundle.template)
     items = dataset.__getitems__(list(range(len(dataset))))
     _assert_same_loss_and_gradients(bundle, items, _pixel_inputs, atol=1e-4)
+
+
+def _first_loss(out: Path) -> float:
+    return next(json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line)
+
+
+def test_a_packed_stage_trains_on_the_same_loss_as_unpacked(tmp_path):
+    from medvlm.trainer import Trainer
+    from tests.conftest import stage_config
+
+    data, images = make_vqa_set(tmp_path / "data")
+    results = {}
+    for packed in (False, True):  # one batch holding every question: the same questions either way
+        config = stage_config(data, images, tmp_path / f"out-{packed}", max_steps=1, batch_size=16,
+                              pack_by_image=packed, warmup_ratio=0.0)
+        results[packed] = Trainer(config).run()
+    assert abs(_first_loss(tmp_path / "out-True") - _first_loss(tmp_path / "out-False")) < 1e-5
+    assert results[True].metrics["samples_seen"] == results[False].metrics["samples_seen"] == 11
