@@ -90,7 +90,9 @@ class StageConfig:
     num_workers: int = 0
     save_projector: bool | None = None          # None: yes when only the projector trains
     max_skip_rate: float = 0.05                 # stop if more records than this fraction are unusable
-    tensorboard: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # + wandb | mlflow | trackio; []: none
+    project: str = "medvlm"                     # tracker project / MLflow experiment (a curriculum: its name)
+    run_name: str | None = None                 # tracker run name; None: the stage name
     trust_remote_code: bool = False
 
     def __post_init__(self):
@@ -101,6 +103,7 @@ class StageConfig:
             raise ConfigError(f"quantize: 4bit trains LoRA adapters on a frozen 4-bit model (QLoRA): set trainable: lora "
                               f"and no deepspeed (got trainable: {self.trainable}, deepspeed: {self.deepspeed})")
         check_model_source(self.model)
+        check_trackers(self.report_to)
 
 
 def _positive(v):
@@ -134,7 +137,7 @@ MODEL_SOURCES = ("checkpoint", "compose", "preset")
 PRESETS = ("tiny",)
 # settings that cannot change what a run learns: changing them between runs resumes with a warning
 RESUME_SAFE_KEYS = frozenset({"name", "output_dir", "log_steps", "save_steps", "keep_last", "num_workers",
-                              "tensorboard", "feature_cache", "feature_cache_dir", "answer_logits_only",
+                              "report_to", "project", "run_name", "feature_cache", "feature_cache_dir", "answer_logits_only",
                               "gradient_checkpointing", "max_skip_rate", "trust_remote_code"})
 
 
@@ -150,6 +153,15 @@ def _check_ranges(obj, ranges: dict, prefix: str = "") -> None:
 def _did_you_mean(value: str, choices) -> str:
     close = difflib.get_close_matches(value, list(choices), n=1)
     return f"did you mean '{close[0]}'? " if close else ""
+
+
+def check_trackers(report_to: list[str]) -> None:
+    from .tracking import TrackerError, check_names
+
+    try:
+        check_names(report_to)
+    except TrackerError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def check_trainable(policy: str) -> None:

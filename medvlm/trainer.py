@@ -32,7 +32,8 @@ Features, and how a stage config (``medvlm.config.StageConfig``) switches them:
   ``mm_projector.safetensors`` too when only the projector trained; its ``COMPLETE`` marker is the one
   record that the stage finished), ``log.jsonl`` (one line per logged step, never repeated after a
   resume), ``metrics.json``, ``loss.png``, ``data_report.json``, ``stage_config.json``; a progress bar with
-  loss and samples/s; TensorBoard with ``tensorboard: true``.
+  loss and samples/s; experiment trackers from ``report_to`` (``tracking.py``: TensorBoard event files in
+  ``tensorboard/`` by default, W&B, MLflow, trackio) get the config, loss, learning rate and final metrics.
 
 Read ``Trainer.setup`` then ``Trainer.train``: the parts are built in that order, nothing is hidden.
 """
@@ -60,6 +61,7 @@ from .config import ConfigError, StageConfig, config_changes, config_hash, resum
 from .conversation import IGNORE_INDEX
 from .data import (Collator, ConversationDataset, DataError, ImageGroupedBatchSampler, LengthGroupedBatchSampler,
                    choose_grouping)
+from . import tracking
 from .fileio import atomic_path, atomic_write_json
 from .model import (PROJECTOR_FILE, LlavaBundle, apply_trainable, load_model, load_projector, parse_trainable,
                     save_folder, save_projector, trainable_summary)
@@ -169,8 +171,7 @@ class Trainer:
         self.accelerator = self._make_accelerator()
         self.is_main = self.accelerator.is_main_process
         self.rank = self.accelerator.process_index
-        if self.config.tensorboard:
-            self.accelerator.init_trackers(self.config.name)
+        tracking.start(self.accelerator, self.config, self.output_dir)
 
     def _setup_model(self) -> None:
         cfg = self.config
@@ -273,8 +274,7 @@ class Trainer:
                                      gradient_accumulation_steps=cfg.grad_accum)
             if not torch.cuda.is_available():
                 kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-        if cfg.tensorboard:
-            kwargs.update(log_with="tensorboard", project_dir=str(self.output_dir))
+        kwargs.update(tracking.accelerator_kwargs(cfg, self.output_dir))
         if plugin is None and not torch.cuda.is_available():
             kwargs["cpu"] = True  # under torchrun/accelerate launch without GPUs: gloo across CPU processes
         return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
@@ -553,6 +553,8 @@ class Trainer:
             for old in self.output_dir.glob(".replaced-*"):
                 shutil.rmtree(old, ignore_errors=True)
         self._log(f"stage {self.config.name}: done, final loss {self.state.last_loss:.4f}; checkpoint at {checkpoint}")
+        if self.config.report_to:
+            self.accelerator.log(tracking.numbers(metrics, "final"), step=self.state.global_step)
         for tracker in self.accelerator.trackers:  # not end_training(): the process group must outlive this stage
             tracker.finish()
         _reset_accelerate_state()
@@ -615,8 +617,9 @@ class Trainer:
         if state.grad_norm is not None:
             record["grad_norm"] = round(float(state.grad_norm), 6)
         self._append_log(record)
-        if self.config.tensorboard:
-            acc.log({"train/loss": loss, "train/lr": record["lr"]}, step=record["step"])
+        if self.config.report_to:
+            acc.log({"train/loss": loss, "train/lr": record["lr"], "train/samples_per_second": record["samples_per_second"]},
+                    step=record["step"])
         progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{record['samples_per_second']:.1f}")
         state.reset_window()
 

@@ -8,6 +8,8 @@ from medvlm.cli.options import add_overrides
 
 
 def register(sub) -> None:
+    from downstream.metrics import SUITES
+
     curriculum = sub.add_parser("curriculum", help="run / plan / inspect a curriculum (the LLaVA-Med chain)")
     actions = curriculum.add_subparsers(title="curriculum commands", metavar="ACTION")
     run = actions.add_parser("run", help="run every stage in order (resumable)")
@@ -29,7 +31,7 @@ def register(sub) -> None:
     status.set_defaults(handler=curriculum_status)
     report = actions.add_parser("report", help="the ablation table (Markdown) and a bar chart PNG")
     report.add_argument("run_dir")
-    report.add_argument("--suite", default="strict", choices=["llava_med", "llava_med_2023", "strict"])
+    report.add_argument("--suite", default="strict", choices=SUITES, help="metric suite of the table")
     report.set_defaults(handler=curriculum_report)
 
 
