@@ -20,7 +20,12 @@ Layouts (detected from the files under ``root``):
   ``images/{train,val,test}/NAME.jpg``. The pickles are read with an unpickler that refuses every
   class, so a tampered file cannot run code — still, only load pickles from a data-set root you trust.
 - **LLaVA-Med's converted JSON** (``test.json``-style conversation records with ``answer_type``): pass the
-  JSON file itself as ``root``, images relative to its folder (or ``images=``).
+  JSON file itself as ``root``, images relative to its folder (or ``images=``). Read for every data set.
+
+Each data set is one registered unit (``register_dataset(DatasetSpec(...))`` at the end of this file):
+its name, its layouts in detection order (each a ``Layout``: a name, a ``detect(root, split)`` test and a
+loader), and the message listing the files it expects. ``DATASETS`` (what the CLI offers) reads the
+registry, so adding a data set is one ``DatasetSpec`` and its test.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ import pickle
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-DATASETS = ("vqa-rad", "slake", "pathvqa")
+from .registry import RegisteredNames, lookup, register
+
 SPLIT_ALIASES = {"val": "validation", "validate": "validation", "valid": "validation", "dev": "validation"}
 
 
@@ -70,40 +77,56 @@ def is_yes_no(answer: str) -> bool:
     return str(answer).strip().lower().rstrip(".") in ("yes", "no")
 
 
+@dataclass(frozen=True)
+class Source:
+    """What a loader is asked for."""
+    root: Path
+    split: str
+    lang: str
+    dataset: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str                                              # recorded as LoadReport.layout
+    detect: Callable[[Path, str], bool]                    # (root, split) → does root hold this layout?
+    load: Callable[[Source, "LoadReport"], list[VQARecord]]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    layouts: tuple[Layout, ...]                            # tried in order
+    expected: str                                          # the files a user should have, for the error message
+
+
+DATASET_REGISTRY: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    return register(DATASET_REGISTRY, spec.name, spec)
+
+
+DATASETS = RegisteredNames(DATASET_REGISTRY)   # live: every registered name
+
+
 def load_vqa(dataset: str, root: str | Path, split: str = "test", lang: str = "en",
              images: str | Path | None = None) -> tuple[list[VQARecord], LoadReport]:
-    """Records of ``split`` from whichever layout ``root`` holds."""
-    dataset = dataset.lower().replace("_", "-")
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    """Records of ``split`` from whichever of the data set's layouts ``root`` holds."""
+    name = dataset.lower().replace("_", "-")
+    spec = lookup(DATASET_REGISTRY, name, "dataset")
     split = SPLIT_ALIASES.get(split, split)
     root = Path(root)
     report = LoadReport()
     if root.is_file() and root.suffix in (".json", ".jsonl"):
         report.layout = "llava-med-json"
-        return _llava_med_json(root, Path(images) if images else root.parent, dataset, split, report), report
-    if dataset == "vqa-rad" and (root / "VQA_RAD Dataset Public.json").is_file():
-        report.layout = "vqa-rad-original"
-        return _vqa_rad_original(root, split, report), report
-    if dataset == "slake" and any((root / f"{s}.json").is_file() for s in ("train", "validate", "test")):
-        report.layout = "slake"
-        return _slake(root, split, lang, report), report
-    if dataset == "pathvqa" and (root / "qas").is_dir():
-        report.layout = "pathvqa-original"
-        return _pathvqa_original(root, split, report), report
-    if _parquet_files(root, split):
-        report.layout = "hf-parquet"
-        return _hf_parquet(root, dataset, split, report), report
-    raise DatasetLayoutError(f"{root}: no {dataset} data found. Expected one of: " + _EXPECTED[dataset])
-
-
-_EXPECTED = {
-    "vqa-rad": "'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/' (original release), or "
-               "data/{train,test}-*.parquet (Hugging Face export), or a LLaVA-Med test.json file",
-    "slake": "train.json, validate.json, test.json + imgs/ (SLAKE release), or a LLaVA-Med test.json file",
-    "pathvqa": "qas/{train,val,test}/*_qa.pkl + images/{train,val,test}/ (original split), or "
-               "data/{train,validation,test}-*.parquet (Hugging Face export), or a LLaVA-Med test.json file",
-}
+        return _llava_med_json(root, Path(images) if images else root.parent, name, split, report), report
+    for layout in spec.layouts:
+        if layout.detect(root, split):
+            report.layout = layout.name
+            return layout.load(Source(root, split, lang, name), report), report
+    raise DatasetLayoutError(f"{root}: no {name} data found. Expected one of: {spec.expected}, "
+                             "or a LLaVA-Med test.json file")
 
 
 def _add(records: list, report: LoadReport, record: VQARecord) -> None:
@@ -114,7 +137,8 @@ def _add(records: list, report: LoadReport, record: VQARecord) -> None:
     report.loaded += 1
 
 
-def _vqa_rad_original(root: Path, split: str, report: LoadReport) -> list[VQARecord]:
+def _vqa_rad_original(source: Source, report: LoadReport) -> list[VQARecord]:
+    root, split = source.root, source.split
     data = json.loads((root / "VQA_RAD Dataset Public.json").read_text(encoding="utf-8"))
     image_dir = root / "VQA_RAD Image Folder"
     wanted = {"test": ("test_freeform", "test_para"), "train": ("freeform", "para")}.get(split)
@@ -134,7 +158,8 @@ def _vqa_rad_original(root: Path, split: str, report: LoadReport) -> list[VQARec
     return records
 
 
-def _slake(root: Path, split: str, lang: str, report: LoadReport) -> list[VQARecord]:
+def _slake(source: Source, report: LoadReport) -> list[VQARecord]:
+    root, split, lang = source.root, source.split, source.lang
     name = {"validation": "validate"}.get(split, split)
     path = root / f"{name}.json"
     if not path.is_file():
@@ -159,7 +184,8 @@ class _DataOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data-set pickle")
 
 
-def _pathvqa_original(root: Path, split: str, report: LoadReport) -> list[VQARecord]:
+def _pathvqa_original(source: Source, report: LoadReport) -> list[VQARecord]:
+    root, split = source.root, source.split
     name = {"validation": "val"}.get(split, split)
     files = sorted((root / "qas" / name).glob("*_qa.pkl")) or sorted((root / "qas").glob(f"{name}*_qa.pkl"))
     if not files:
@@ -187,9 +213,10 @@ def _parquet_files(root: Path, split: str) -> list[Path]:
     return found
 
 
-def _hf_parquet(root: Path, dataset: str, split: str, report: LoadReport) -> list[VQARecord]:
+def _hf_parquet(source: Source, report: LoadReport) -> list[VQARecord]:
     import pyarrow.parquet as pq
 
+    root, split, dataset = source.root, source.split, source.dataset
     out_dir = root / "medvlm_images" / split
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[VQARecord] = []
@@ -231,6 +258,29 @@ def _llava_med_json(path: Path, image_root: Path, dataset: str, split: str, repo
             answer=answer, answer_type="closed" if kind == "CLOSED" else "open", split=split, dataset=dataset,
             metadata={}))
     return records
+
+
+# ------------------------------------------------------------------------------------ the registered data sets
+HF_PARQUET = Layout("hf-parquet", lambda root, split: bool(_parquet_files(root, split)), _hf_parquet)
+
+register_dataset(DatasetSpec(
+    "vqa-rad",
+    (Layout("vqa-rad-original", lambda root, split: (root / "VQA_RAD Dataset Public.json").is_file(), _vqa_rad_original),
+     HF_PARQUET),
+    "'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder/' (original release), or "
+    "data/{train,test}-*.parquet (Hugging Face export)"))
+
+register_dataset(DatasetSpec(
+    "slake",
+    (Layout("slake", lambda root, split: any((root / f"{s}.json").is_file() for s in ("train", "validate", "test")),
+            _slake), HF_PARQUET),
+    "train.json, validate.json, test.json + imgs/ (SLAKE release)"))
+
+register_dataset(DatasetSpec(
+    "pathvqa",
+    (Layout("pathvqa-original", lambda root, split: (root / "qas").is_dir(), _pathvqa_original), HF_PARQUET),
+    "qas/{train,val,test}/*_qa.pkl + images/{train,val,test}/ (original split), or "
+    "data/{train,validation,test}-*.parquet (Hugging Face export)"))
 
 
 def to_conversations(records: list[VQARecord], image_root: str | Path) -> list[dict]:

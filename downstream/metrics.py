@@ -1,4 +1,4 @@
-"""Medical VQA metrics: three suites side by side, every number with a bootstrap 95% interval.
+"""Medical VQA metrics: four suites side by side, every number with a bootstrap 95% interval.
 
 ``llava_med`` — exactly what microsoft/LLaVA-Med's ``llava/eval/run_eval.py`` computes at release v1.0.0,
 re-implemented (not copied) with its quirks:
@@ -21,6 +21,16 @@ re-implemented (not copied) with its quirks:
 that contains "yes"/"no" but not the ground truth is *dropped* from the denominator instead of counted
 wrong, which inflates closed accuracy; 2023 papers may report this.
 
+``llava_med_batch`` — what LLaVA-Med's README scores all three data sets with, ``llava/eval/run_eval_batch.py``
+at v1.0.0 (the same normalisation, applied once by the script and again by each metric):
+
+- closed questions: a hit when the normalised ground truth is a *substring* of the normalised prediction —
+  no yes/no guard, so a prediction that never says yes or no can still hit; every closed question counts;
+  ``closed_recall`` is the token recall on closed questions (its ``recall_closed``);
+- open questions: ``open_substring_accuracy`` — the ground truth is a substring of the prediction (its
+  "open accuracy"; the candidate-set rule is commented out there); ``exact match``, token
+  ``precision``/``recall``/``f1`` as in ``llava_med``. Its BLEU scores (nltk) are not reproduced.
+
 ``strict`` — the numbers we stand behind: closed accuracy over *all* closed questions, a hit when the
 normalised ground truth appears as whole words in the normalised prediction (and, for yes/no, the
 opposite answer does not); open exact match is string equality after normalisation; token F1 and
@@ -29,6 +39,11 @@ to spaces, articles dropped, whitespace collapsed.
 
 Intervals: percentile bootstrap over questions (1,000 resamples, fixed seed); for paired comparisons
 the same resampled questions score both runs.
+
+Each suite is one registered unit (``register_suite(Suite(...))`` at the end of this file): its metric
+names in table order (``closed_*`` metrics are averaged over closed questions, ``open_*`` over open ones),
+row labels, and a function scoring one question. ``SUITES`` reads the registry, so the CLI, evaluation
+and reports offer a new suite without further edits.
 """
 
 from __future__ import annotations
@@ -37,14 +52,14 @@ import json
 import re
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-SUITES = ("llava_med", "llava_med_2023", "strict")
+from .registry import RegisteredNames, lookup, register
 
 # ------------------------------------------------------------------------------------ LLaVA-Med normalisation
 _PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
@@ -183,42 +198,33 @@ class Item:
     groups: dict | None = None     # e.g. {"question_type": "PRES", "organ": "CHEST"}
 
 
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    metrics: tuple[str, ...]                               # table order; closed_* over closed, open_* over open
+    score: Callable[[Item, Sequence[str]], dict]           # (question, candidates) → {metric: value or None}
+    labels: dict = field(default_factory=dict)             # metric → row label in tables (default: its name)
+
+
+SUITE_REGISTRY: dict[str, Suite] = {}
+SUITES = RegisteredNames(SUITE_REGISTRY)   # live: every registered suite, in registration order
+
+
+def register_suite(suite: Suite) -> Suite:
+    return register(SUITE_REGISTRY, suite.name, suite)
+
+
 def per_question_scores(items: Sequence[Item], suite: str, candidates: Sequence[str] | None = None) -> dict[str, list]:
     """Metric name → per-question values (``None`` = not counted), aligned with ``items``."""
-    if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    unit = lookup(SUITE_REGISTRY, suite, "suite")
     if candidates is None:  # the answers themselves, in question order (ties go to the earlier one, as in a file)
         candidates = list(dict.fromkeys(i.answer for i in items))
     scores: dict[str, list] = defaultdict(list)
     for item in items:
-        closed = item.answer_type == "closed"
-        row = dict.fromkeys(_METRICS[suite])
-        if suite in ("llava_med", "llava_med_2023"):
-            pred, ref = llava_normalize(item.prediction.lower()), llava_normalize(item.answer.lower())
-            if closed:
-                row["closed_accuracy"] = llava_closed_hit(pred, ref, drop_wrong_yes_no=suite == "llava_med_2023")
-            else:
-                f1, precision, recall = llava_f1(pred, ref)
-                row.update(open_recall=recall, open_precision=precision, open_f1=f1,
-                           open_exact_match=llava_exact_match(pred, ref),
-                           open_candidate_accuracy=llava_open_accuracy(pred, ref, candidates))
-        else:
-            if closed:
-                row["closed_accuracy"] = strict_closed_hit(item.prediction, item.answer)
-            else:
-                f1, precision, recall = strict_f1(item.prediction, item.answer)
-                row.update(open_recall=recall, open_precision=precision, open_f1=f1,
-                           open_exact_match=float(strict_normalize(item.prediction) == strict_normalize(item.answer)))
-        for name in _METRICS[suite]:
-            scores[name].append(row[name])
+        row = unit.score(item, candidates)
+        for name in unit.metrics:
+            scores[name].append(row.get(name))
     return scores
-
-
-_METRICS = {
-    "llava_med": ("closed_accuracy", "open_recall", "open_precision", "open_f1", "open_exact_match", "open_candidate_accuracy"),
-    "llava_med_2023": ("closed_accuracy", "open_recall", "open_precision", "open_f1", "open_exact_match", "open_candidate_accuracy"),
-    "strict": ("closed_accuracy", "open_recall", "open_precision", "open_f1", "open_exact_match"),
-}
 
 
 def _mean(values: Sequence) -> float | None:
@@ -300,10 +306,18 @@ def paired_difference(a: Sequence[Item], b: Sequence[Item], suite: str, metric: 
             "ci": [round(100 * float(np.percentile(diffs, 2.5)), 2), round(100 * float(np.percentile(diffs, 97.5)), 2)]}
 
 
+def _suite_metrics(suite: str, data: dict) -> tuple[str, ...]:
+    if suite in SUITE_REGISTRY:
+        return SUITE_REGISTRY[suite].metrics
+    return tuple(k for k in data if not k.endswith("_ci") and not k.startswith("n_"))   # a suite no longer registered
+
+
 def format_table(result: dict, suites: Sequence[str] | None = None) -> str:
-    """A Markdown table: a row per metric, a column per suite, values with their intervals."""
+    """A Markdown table: a row per metric (the suites' own metrics and labels), a column per suite."""
     suites = list(suites or result["suites"])
-    metrics = ["closed_accuracy", "open_recall", "open_precision", "open_f1", "open_exact_match", "open_candidate_accuracy"]
+    metrics = list(dict.fromkeys(m for s in suites for m in _suite_metrics(s, result["suites"][s])))
+    labels = {m: SUITE_REGISTRY[s].labels.get(m, m) for s in reversed(suites) if s in SUITE_REGISTRY
+              for m in SUITE_REGISTRY[s].metrics}
     lines = ["| metric | " + " | ".join(suites) + " |", "|---|" + "---|" * len(suites)]
     for metric in metrics:
         cells = []
@@ -314,8 +328,55 @@ def format_table(result: dict, suites: Sequence[str] | None = None) -> str:
             else:
                 ci = data.get(f"{metric}_ci")
                 cells.append(f"{data[metric]:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else f"{data[metric]:.1f}")
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels.get(metric, metric)} | " + " | ".join(cells) + " |")
     counts = result["suites"][suites[0]]
     lines.append(f"\n{counts['n_closed']} closed, {counts['n_open']} open questions; values in %, 95% bootstrap intervals.")
     return "\n".join(lines)
 
+
+# ------------------------------------------------------------------------------------ the registered suites
+_OPEN_LLAVA = ("open_recall", "open_precision", "open_f1", "open_exact_match")
+
+
+def _llava_normalised(item: Item) -> tuple[str, str]:
+    return llava_normalize(item.prediction.lower()), llava_normalize(item.answer.lower())
+
+
+def _llava_open(pred: str, ref: str) -> dict:
+    f1, precision, recall = llava_f1(pred, ref)
+    return {"open_recall": recall, "open_precision": precision, "open_f1": f1,
+            "open_exact_match": llava_exact_match(pred, ref)}
+
+
+def _llava_med_row(item: Item, candidates: Sequence[str], drop_wrong_yes_no: bool = False) -> dict:
+    pred, ref = _llava_normalised(item)
+    if item.answer_type == "closed":
+        return {"closed_accuracy": llava_closed_hit(pred, ref, drop_wrong_yes_no)}
+    return {**_llava_open(pred, ref), "open_candidate_accuracy": llava_open_accuracy(pred, ref, candidates)}
+
+
+def _llava_med_2023_row(item: Item, candidates: Sequence[str]) -> dict:
+    return _llava_med_row(item, candidates, drop_wrong_yes_no=True)
+
+
+def _llava_med_batch_row(item: Item, candidates: Sequence[str]) -> dict:
+    pred, ref = _llava_normalised(item)
+    if item.answer_type == "closed":
+        return {"closed_accuracy": float(ref in pred), "closed_recall": llava_f1(pred, ref)[2]}
+    return {**_llava_open(pred, ref), "open_substring_accuracy": float(ref in pred)}
+
+
+def _strict_row(item: Item, candidates: Sequence[str]) -> dict:
+    if item.answer_type == "closed":
+        return {"closed_accuracy": strict_closed_hit(item.prediction, item.answer)}
+    f1, precision, recall = strict_f1(item.prediction, item.answer)
+    return {"open_recall": recall, "open_precision": precision, "open_f1": f1,
+            "open_exact_match": float(strict_normalize(item.prediction) == strict_normalize(item.answer))}
+
+
+register_suite(Suite("llava_med", ("closed_accuracy", *_OPEN_LLAVA, "open_candidate_accuracy"), _llava_med_row))
+register_suite(Suite("llava_med_2023", ("closed_accuracy", *_OPEN_LLAVA, "open_candidate_accuracy"),
+                     _llava_med_2023_row))
+register_suite(Suite("llava_med_batch", ("closed_accuracy", "closed_recall", *_OPEN_LLAVA, "open_substring_accuracy"),
+                     _llava_med_batch_row))
+register_suite(Suite("strict", ("closed_accuracy", *_OPEN_LLAVA), _strict_row))

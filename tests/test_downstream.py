@@ -265,7 +265,7 @@ def test_tiny_model_finetunes_and_evaluates_end_to_end(tmp_path):
     out = evaluate_model(bundle, records, tmp_path / "eval", batch_size=4, max_new_tokens=4, progress=False)
     answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 6 and {"id", "question", "gt", "prediction", "answer_type"} <= set(answers[0])
-    assert set(out["suites"]) == {"llava_med", "llava_med_2023", "strict"}
+    assert set(out["suites"]) == {"llava_med", "llava_med_2023", "llava_med_batch", "strict"}
     assert "question_type" in out["groups"]
     assert "| closed_accuracy |" in (tmp_path / "eval" / "report.md").read_text()
     likelihood = evaluate_model(bundle, records, tmp_path / "eval_ll", closed_mode="likelihood", max_new_tokens=4,
@@ -348,3 +348,89 @@ def test_shared_prefix_generation_answers_as_transformers_generate_does_one_ques
     for batch_size in (1, 5, 16):
         assert generate_answers(bundle, questions, images, max_new_tokens=6, batch_size=batch_size) == expected
     assert generate_answers(bundle, questions, images, max_new_tokens=6, batch_size=5, share_prefix=False) == expected
+
+
+# ------------------------------------------------------------------------------------ LLaVA-Med's run_eval_batch.py rules
+def test_llava_med_batch_closed_is_a_substring_rule_without_the_yes_no_guard():
+    items = [Item("1", "It is supratentorial.", "supratentorial", "closed"),   # no yes/no in it: llava_med misses
+             Item("2", "Yes, it is.", "yes", "closed"),
+             Item("3", "Absent.", "no", "closed")]
+    batch, llava = summarize(items, "llava_med_batch"), summarize(items, "llava_med")
+    assert batch["closed_accuracy"] == round(100 * 2 / 3, 2) and llava["closed_accuracy"] == round(100 / 3, 2)
+    assert batch["closed_recall"] == round(100 * 2 / 3, 2)          # token recall of 1, 1, 0
+    assert batch["n_closed_counted"] == 3
+
+
+def test_llava_med_batch_open_accuracy_is_the_ground_truth_inside_the_prediction():
+    items = [Item("1", "The left lung is affected.", "left lung", "open"),
+             Item("2", "Lung, left side.", "left lung", "open")]
+    batch = summarize(items, "llava_med_batch")
+    assert batch["open_substring_accuracy"] == 50.0                   # word order matters
+    assert batch["open_recall"] == 100.0 == summarize(items, "llava_med")["open_recall"]
+    assert "open_candidate_accuracy" not in batch
+
+
+def test_llava_med_batch_is_offered_and_printed_by_eval_score(tmp_path, capsys):
+    from medvlm.cli import main
+
+    pred, gt, _ = _llava_med_files(tmp_path)
+    assert main(["eval", "score", "--pred", str(pred), "--gt", str(gt), "--suite", "llava_med_batch"]) == 0
+    table = capsys.readouterr().out
+    assert "| metric | llava_med_batch |" in table and "| open_substring_accuracy |" in table
+
+
+# ------------------------------------------------------------------------------------ registries: one unit each
+def test_a_toy_suite_is_one_registered_unit(tmp_path, monkeypatch, capsys):
+    from downstream import metrics
+    from medvlm.cli import main
+
+    toy = metrics.Suite("toy", ("closed_accuracy", "open_length"), lambda item, candidates: (
+        {"closed_accuracy": float(item.answer.lower() in item.prediction.lower())}
+        if item.answer_type == "closed" else {"open_length": float(len(item.prediction.split()) <= 3)}),
+        labels={"open_length": "open answers of ≤ 3 words"})
+    monkeypatch.setitem(metrics.SUITE_REGISTRY, "toy", toy)      # = metrics.register_suite(toy), undone after the test
+
+    pred, gt, _ = _llava_med_files(tmp_path)
+    assert main(["eval", "score", "--pred", str(pred), "--gt", str(gt), "--suite", "toy", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["suites"]["toy"]
+    assert result["closed_accuracy"] == 50.0 and result["open_length"] == 100.0
+    assert "toy" in metrics.SUITES
+    assert "| open answers of ≤ 3 words |" in metrics.format_table({"suites": {"toy": result}})
+
+
+def test_a_toy_dataset_is_one_registered_unit(tmp_path, monkeypatch):
+    import csv
+
+    from downstream import datasets
+    from medvlm.cli import build_parser
+
+    def load_csv(source, report):
+        with open(source.root / "questions.csv", newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["split"] == source.split]
+        records = []
+        for row in rows:
+            datasets._add(records, report, datasets.VQARecord(
+                row["id"], str(source.root / row["image"]), row["question"], row["answer"],
+                "closed" if datasets.is_yes_no(row["answer"]) else "open", source.split, source.dataset))
+        return records
+
+    toy = datasets.DatasetSpec("toy-vqa", (datasets.Layout(
+        "toy-csv", lambda root, split: (root / "questions.csv").is_file(), load_csv),), "questions.csv + images")
+    monkeypatch.setitem(datasets.DATASET_REGISTRY, "toy-vqa", toy)
+
+    load_image(sample_path("CT_small.dcm", "pydicom")).save(tmp_path / "ct.png")
+    (tmp_path / "questions.csv").write_text("id,image,question,answer,split\n1,ct.png,Is this a CT?,yes,test\n"
+                                            "2,ct.png,Which organ?,head,test\n3,ct.png,Any bleed?,no,train\n")
+    records, report = load_vqa("toy-vqa", tmp_path, "test")
+    assert report.layout == "toy-csv" and [r.answer_type for r in records] == ["closed", "open"]
+    with pytest.raises(DatasetLayoutError, match="Expected one of: questions.csv \\+ images"):
+        load_vqa("toy-vqa", tmp_path / "empty", "test")
+    args = build_parser().parse_args(["eval", "leakage", "--dataset", "toy-vqa", "--root", str(tmp_path)])
+    assert args.dataset == "toy-vqa"                              # the CLI's choices read the registry
+
+
+def test_a_name_cannot_be_registered_twice():
+    from downstream import metrics
+
+    with pytest.raises(ValueError, match="registered already"):
+        metrics.register_suite(metrics.Suite("strict", ("closed_accuracy",), lambda item, candidates: {}))
