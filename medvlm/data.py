@@ -140,6 +140,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                 self.report.add(_reason(exc), f"{source.path}: {exc}")
 
     def _check(self, record: Any, source, record_id: str) -> Example:
+        if isinstance(record, dict) and "conversations" not in record and "conversatons" in record:
+            record = {**record, "conversations": record["conversatons"]}   # LLaVA-Med's misspelt key, read as it does
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise ConversationError(f"record {record_id}: no 'conversations' list")
         image_path = None

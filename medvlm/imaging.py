@@ -10,7 +10,9 @@ DICOM to an 8-bit RGB picture follows what a radiologist's viewer shows:
    and PALETTE COLOR ones (ultrasound) through their colour lookup table.
 
 ``pad_to_square`` is LLaVA's ``image_aspect_ratio: pad``: expand to a square filled with the image
-processor's mean colour, so no anatomy is cropped away by the centre crop.
+processor's mean colour (truncated to integers as LLaVA does), so no anatomy is cropped away by the centre
+crop. Other images are converted to RGB as LLaVA does (``convert('RGB')``: alpha dropped, palette
+expanded), except 16-bit/float greyscale, which is min-max scaled rather than clipped.
 """
 
 from __future__ import annotations
@@ -56,10 +58,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         return Image.fromarray(_scale_to_uint8(arr, arr.min(), arr.max())).convert("RGB")
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, img).convert("RGB")
+    # LLaVA's Image.open(...).convert('RGB'): transparency is dropped, not composited. 16-bit and float
+    # greyscale are min-max scaled instead (convert('RGB') would clip them to white).
     return img.convert("RGB")
 
 
@@ -158,5 +158,6 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 
 
 def mean_colour(image_processor) -> tuple[int, int, int]:
+    """LLaVA's pad colour ``tuple(int(x * 255) for x in image_mean)``: truncated, (122, 116, 104) for CLIP."""
     mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
-    return tuple(int(round(m * 255)) for m in mean)
+    return tuple(int(m * 255) for m in mean)

@@ -7,6 +7,7 @@ from medvlm.cli.options import add_overrides
 
 def register(sub) -> None:
     from downstream.datasets import DATASETS
+    from downstream.protocols import protocol_names
 
     finetune = sub.add_parser("finetune", help="finetune on VQA-RAD / SLAKE / PathVQA (9 epochs by default)")
     finetune.add_argument("--dataset", required=True, choices=DATASETS)
@@ -14,6 +15,8 @@ def register(sub) -> None:
     finetune.add_argument("--model", required=True, help="checkpoint folder to start from")
     finetune.add_argument("--out", help="output folder (default: runs/finetune-DATASET)")
     finetune.add_argument("--lang", default="en", help="SLAKE question language: en, zh or all")
+    finetune.add_argument("--protocol", choices=protocol_names(), default="medvlm",
+                          help="lay out training questions as this eval protocol poses them (image position, suffixes)")
     add_overrides(finetune, "stage setting, e.g. --set epochs=3 --set batch_size=8")
     finetune.set_defaults(handler=run_finetune)
 
@@ -22,6 +25,7 @@ def run_finetune(args) -> int:
     from downstream.finetune import finetune
 
     out = args.out or f"runs/finetune-{args.dataset}"
-    result = finetune(args.dataset, args.root, {"checkpoint": args.model}, out, args.overrides, lang=args.lang)
+    result = finetune(args.dataset, args.root, {"checkpoint": args.model}, out, args.overrides,
+                      base={"protocol": args.protocol}, lang=args.lang)
     print(f"checkpoint: {result.checkpoint}\nlog: {result.output_dir / 'log.jsonl'}")
     return 0
