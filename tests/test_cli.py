@@ -249,3 +249,11 @@ def test_finetune_with_max_steps_does_not_claim_nine_epochs(tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert seen["config"].max_steps == 3
     assert "3 steps (max_steps overrides epochs)" in out and "9 epochs" not in out
+
+
+def test_a_command_group_without_its_step_prints_its_own_help(capsys):
+    from medvlm.cli.errors import USAGE
+
+    assert main(["ingest"]) == USAGE
+    out = capsys.readouterr().out
+    assert out.startswith("usage: medvlm ingest") and "instruct" in out and "curriculum" not in out

@@ -32,9 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not hasattr(args, "handler"):
-        parser.print_help()
-        return errors.USAGE
     try:
         return int(args.handler(args) or 0)
     except (KeyboardInterrupt, SystemExit):

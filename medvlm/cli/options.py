@@ -32,6 +32,19 @@ class CommandParser(argparse.ArgumentParser):
         self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level")
 
 
+    def add_subparsers(self, **kwargs):
+        """A command group run without its subcommand (``medvlm ingest``) prints the group's own help."""
+        if self.get_default("handler") is None:
+            self.set_defaults(handler=self._print_help_for_usage)
+        return super().add_subparsers(**kwargs)
+
+    def _print_help_for_usage(self, args) -> int:
+        from medvlm.cli.errors import USAGE
+
+        self.print_help()
+        return USAGE
+
+
 def add_overrides(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     """``--set KEY=VALUE`` (repeatable), collected into ``args.overrides``."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
