@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -33,6 +34,7 @@ from typing import Any
 from .fileio import atomic_write_text
 from .model import METADATA_FILE
 
+logger = logging.getLogger(__name__)
 CARD_FILE = "README.md"
 HYPERPARAMETERS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "projector_lr", "weight_decay",
                    "warmup_ratio", "max_grad_norm", "max_length", "precision", "deepspeed", "seed")
@@ -50,9 +52,15 @@ def file_sha256(path: str | os.PathLike) -> str:
 def data_file_record(path: str, images: str | None) -> dict:
     """A training data file as the card lists it: name, sha256 and size, and the PMC licenses of its images."""
     file = Path(path)
-    record: dict[str, Any] = {"path": str(path), "images": images, "sha256": file_sha256(file),
-                              "bytes": file.stat().st_size}
-    licenses = pmc_licenses(file, Path(images) if images else file.parent)
+    record: dict[str, Any] = {"path": str(path), "images": images, "sha256": None, "bytes": None}
+    if not file.is_file():  # the card never stops an export: a vanished file is recorded as such
+        return record
+    record.update(sha256=file_sha256(file), bytes=file.stat().st_size)
+    try:
+        licenses = pmc_licenses(file, Path(images) if images else file.parent)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.warning("model card: PMC licenses for %s not read (%s)", file, exc)
+        licenses = {}
     if licenses:
         record["licenses"] = licenses
     return record
@@ -234,7 +242,8 @@ def _stages_section(lineage: list[dict]) -> str:
                  f"- {stage.get('steps')} optimizer steps, final loss {_fmt(stage.get('final_loss'))}, "
                  f"{_fmt(stage.get('seconds'))} s; {stage.get('records', '?')} records, {stage.get('skipped', 0)} skipped",
                  "", "| data file | sha256 | bytes |", "|---|---|---|"]
-        lines += [f"| `{Path(d['path']).name}` | `{d['sha256']}` | {d['bytes']} |" for d in stage.get("data", [])]
+        lines += [f"| `{Path(d['path']).name}` | `{d['sha256'] or 'missing at export'}` | {d['bytes'] or '–'} |"
+                  for d in stage.get("data", [])]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

@@ -150,3 +150,20 @@ def test_push_command_names_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["push", str(tmp_path), "--repo", "someone/x", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no config.json" in err
+
+
+def test_a_data_file_gone_by_export_time_is_recorded_not_fatal(tmp_path):
+    from medvlm.modelcard import data_file_record
+
+    assert data_file_record(str(tmp_path / "moved.json"), None) == {
+        "path": str(tmp_path / "moved.json"), "images": None, "sha256": None, "bytes": None}
+
+
+def test_licenses_are_skipped_when_the_data_file_is_not_conversations(trained, tmp_path):
+    from medvlm.modelcard import data_file_record
+
+    root, _, _ = trained
+    odd = tmp_path / "odd.json"
+    odd.write_text('{"not": "a list"}')
+    record = data_file_record(str(odd), str(root / "pairs"))
+    assert record["sha256"] and "licenses" not in record
