@@ -16,29 +16,28 @@ Curriculum YAML::
       finetune.epochs: [1, 3, 9]
 
 Any stage may say ``skip: true`` (useful in a sweep: ``bio_instruct.skip: [false, true]`` is the ablation
-with and without that stage). Stage kinds: ``train`` (any ``StageConfig`` keys), ``finetune`` (``datasets`` fan out: one branch per
-set, each from the same parent), ``eval`` (each branch's model on its set's ``split``; ``baseline: true``
-also scores the curriculum's starting model, the "before" of the run).
+with and without that stage). Stage kinds (``train``, ``finetune``, ``eval``) are registered units in
+``kinds.py``: their keys, data-set fan-out and settings are checked here, before anything runs.
+
+A node's inputs are its conversation files and its data set's root; a root folder's digest covers every
+file under it (names and contents), so any change to a data set makes its stages stale.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medvlm.config import ConfigError, StageConfig, apply_overrides, from_dict, load_yaml
+from medvlm.config import ConfigError, apply_overrides, check_model_source, load_yaml
 
-STAGE_KINDS = ("train", "finetune", "eval")
+from .kinds import KINDS, STAGE_KEYS, StageKind, kind_of
+
 CURRICULUM_KEYS = {"name", "model", "defaults", "stages", "sweep", "world_size"}
-EVAL_KEYS = {"name", "kind", "split", "datasets", "baseline", "closed_mode", "option_suffix", "batch_size",
-             "max_new_tokens", "suites", "feature_cache"}
-FINETUNE_ONLY_KEYS = {"datasets", "lang"}
-TRAIN_KEYS = {f.name for f in dataclasses.fields(StageConfig)} - {"model", "output_dir", "init_projector"}
+DERIVED_FOLDER = "medvlm_images"   # images medvlm converts inside a data set root (e.g. from parquet): not input
 
 
 @dataclass
@@ -63,7 +62,7 @@ class Node:
     def model_parent(self) -> "Node | None":
         """The nearest ancestor that produced weights (eval nodes produce none)."""
         node = self.parent
-        while node is not None and node.kind == "eval":
+        while node is not None and not KINDS[node.kind].produces_weights:
             node = node.parent
         return node
 
@@ -97,6 +96,10 @@ def load_curriculum(path: str | Path, overrides: list[str] | None = None) -> dic
         raise ConfigError(f"{path}: a curriculum needs a non-empty 'stages' list")
     if "model" not in data:
         raise ConfigError(f"{path}: a curriculum needs 'model' ({{preset: tiny}}, {{checkpoint: DIR}} or {{compose: ...}})")
+    try:
+        check_model_source(data["model"] if isinstance(data["model"], dict) else {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     return data
 
 
@@ -144,18 +147,16 @@ def _chain(stages: list[dict], data: dict, base_dir: Path, hash_inputs: bool) ->
     branches: list[Node | None] = [None]
     nodes: list[Node] = []
     for stage in stages:
-        kind = stage.get("kind", "train")
-        if kind not in STAGE_KINDS:
-            raise ConfigError(f"stage {stage['name']}: kind {kind!r} is not one of {', '.join(STAGE_KINDS)}")
+        kind = kind_of(stage)
         _check_keys(stage, kind)
         if stage.get("skip"):
             continue  # an ablation without this stage: its successor starts from its parent
+        settings = kind.settings(stage, defaults)
         new_branches: list[Node | None] = []
         for parent in branches:
-            for dataset in _datasets_for(stage, kind, parent):
-                settings = _settings(stage, kind, defaults)
+            for dataset in kind.fan_out(stage, parent):
                 name = stage["name"] + (f"[{dataset['name']}]" if dataset else "")
-                node = Node(name, stage["name"], kind, settings, parent, dataset)
+                node = Node(name, stage["name"], kind.name, copy.deepcopy(settings), parent, dataset)
                 node.inputs = _inputs(node, base_dir, hash_inputs)
                 node.key = _key(node, data["model"])
                 nodes.append(node)
@@ -164,8 +165,8 @@ def _chain(stages: list[dict], data: dict, base_dir: Path, hash_inputs: bool) ->
     return nodes
 
 
-def _check_keys(stage: dict, kind: str) -> None:
-    allowed = (EVAL_KEYS if kind == "eval" else TRAIN_KEYS | {"kind"} | (FINETUNE_ONLY_KEYS if kind == "finetune" else set())) | {"skip"}
+def _check_keys(stage: dict, kind: StageKind) -> None:
+    allowed = kind.keys | STAGE_KEYS
     unknown = set(stage) - allowed
     if unknown:
         import difflib
@@ -175,50 +176,49 @@ def _check_keys(stage: dict, kind: str) -> None:
         raise ConfigError(f"stage {stage['name']}: unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""))
 
 
-def _datasets_for(stage: dict, kind: str, parent: Node | None) -> list[dict | None]:
-    if kind == "finetune":
-        datasets = stage.get("datasets")
-        if not datasets:
-            raise ConfigError(f"stage {stage['name']}: a finetune stage needs 'datasets: [{{name, root}}]'")
-        return [d if isinstance(d, dict) else {"name": d} for d in datasets]
-    if kind == "eval":
-        inherited = _branch_dataset(parent)
-        if inherited:
-            return [inherited]
-        datasets = stage.get("datasets")
-        if not datasets:
-            raise ConfigError(f"stage {stage['name']}: an eval stage needs 'datasets' unless it follows a finetune")
-        return list(datasets)
-    return [None]
+def input_paths(node: Node, base_dir: Path) -> list[Path]:
+    """The files a node reads: its conversation files and its data set's root (folder or file)."""
+    paths = [resolve(base_dir, s["path"] if isinstance(s, dict) else s) for s in node.settings.get("data") or []]
+    if node.dataset and node.dataset.get("root"):
+        paths.append(resolve(base_dir, node.dataset["root"]))
+    return paths
 
 
-def _branch_dataset(node: Node | None) -> dict | None:
-    while node is not None:
-        if node.dataset is not None:
-            return node.dataset
-        node = node.parent
-    return None
+class MissingInputs(ConfigError):
+    """A curriculum names data files or data set roots that do not exist."""
 
 
-def _settings(stage: dict, kind: str, defaults: dict) -> dict:
-    own = {k: v for k, v in stage.items() if k not in ("name", "kind", "datasets", "skip")}
-    if kind == "eval":
-        return own
-    settings = {**defaults, **own}
-    # validate now (unknown keys, types) rather than hours into a run
-    from_dict(StageConfig, {k: v for k, v in settings.items() if k not in FINETUNE_ONLY_KEYS})
-    return settings
+def require_inputs(nodes: list[Node], base_dir: Path) -> None:
+    """Fail naming every missing input of ``nodes`` (before hours of earlier stages, not after)."""
+    missing = list(dict.fromkeys(f"{node.name}: {p}" for node in nodes for p in input_paths(node, base_dir)
+                                 if not p.exists()))
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise MissingInputs(f"missing input(s): {'; '.join(missing[:5])}{more}; fix the paths in the curriculum "
+                            f"(relative ones are relative to {base_dir}, see --base-dir) or create the data first")
 
 
 def _inputs(node: Node, base_dir: Path, hash_inputs: bool) -> dict:
-    files: list[Path] = []
-    for source in node.settings.get("data") or []:
-        files.append(resolve(base_dir, source["path"] if isinstance(source, dict) else source))
-    if node.dataset and node.dataset.get("root"):
-        root = resolve(base_dir, node.dataset["root"])
-        files += sorted(p for p in root.rglob("*") if p.suffix in (".json", ".pkl", ".parquet", ".jsonl")
-                        and "medvlm_images" not in p.parts) if root.is_dir() else [root]
-    return {str(f): (file_digest(f) if hash_inputs else "unhashed") for f in files}
+    """input path → digest; a folder's digest covers every file under it (names and contents)."""
+    return {str(p): (path_digest(p) if hash_inputs else "unhashed") for p in input_paths(node, base_dir)}
+
+
+def path_digest(path: Path) -> str:
+    if not path.is_dir():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and DERIVED_FOLDER not in p.parts):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def resolve_source(base_dir: Path, source) -> dict:
+    """A stage's ``data`` entry with absolute ``path`` and ``images``."""
+    source = {"path": source} if isinstance(source, str) else dict(source)
+    source["path"] = str(resolve(base_dir, source["path"]))
+    if source.get("images"):
+        source["images"] = str(resolve(base_dir, source["images"]))
+    return source
 
 
 def resolve(base_dir: Path, path: str) -> Path:

@@ -6,6 +6,10 @@ import json
 import math
 from pathlib import Path
 
+from medvlm.checkpoint import final_checkpoint
+from medvlm.fileio import read_json
+
+from .kinds import KINDS
 from .plan import Node, Plan, resolve
 
 # Parameter counts of common sources, for planning without downloading anything (vision, language model).
@@ -21,23 +25,17 @@ KNOWN_LLAVA = {  # released HF-format LLaVA-1.5: (vision tower, projector, langu
 
 
 def model_parts(source: dict) -> dict[str, int] | None:
-    """Parameter counts per part (vision, projector, llm) from configs only — never loads weights."""
+    """Parameter counts per part (vision, projector, llm) from configs — never loads weights (the tiny preset
+    is built from its definition, random and small)."""
     from accelerate import init_empty_weights
 
     kind, value = next(iter(source.items()))
     try:
-        if kind == "preset":
-            from medvlm.model import build_tiny_tokenizer
+        if kind == "preset":  # built, not loaded: the preset is defined once, in medvlm/model.py
+            from medvlm.model import load_model
 
-            from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-            vocab = len(build_tiny_tokenizer())
-            config = LlavaConfig(vision_config=CLIPVisionConfig(image_size=224, patch_size=16, hidden_size=128,
-                                                                intermediate_size=512, num_hidden_layers=2,
-                                                                num_attention_heads=4),
-                                 text_config=LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=512,
-                                                         num_hidden_layers=2, num_attention_heads=4,
-                                                         num_key_value_heads=4))
-        elif kind == "checkpoint" and (Path(value) / "config.json").is_file():
+            return _count_parts(load_model(source).model)
+        if kind == "checkpoint" and (Path(value) / "config.json").is_file():
             from transformers import AutoConfig
             config = AutoConfig.from_pretrained(value)
         elif kind == "checkpoint" and value in KNOWN_LLAVA:
@@ -55,7 +53,10 @@ def model_parts(source: dict) -> dict[str, int] | None:
     from transformers import LlavaForConditionalGeneration
 
     with init_empty_weights():
-        model = LlavaForConditionalGeneration(config)
+        return _count_parts(LlavaForConditionalGeneration(config))
+
+
+def _count_parts(model) -> dict[str, int]:
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     parts = {"vision": count(model.model.vision_tower), "projector": count(model.model.multi_modal_projector),
              "llm": count(model.model.language_model) + count(model.lm_head)}
@@ -118,24 +119,37 @@ def _plan_row(node: Node, plan: Plan, parts) -> str:
 
 
 def show_status(run_dir: str | Path) -> str:
-    manifest_path = Path(run_dir) / "manifest.json"
+    """One line per stage: status (done from the checkpoint's COMPLETE marker), metrics or the error."""
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no manifest.json (not a curriculum run directory)")
     manifest = json.loads(manifest_path.read_text())
     lines = [f"run {manifest.get('name')} in {run_dir}"]
     for folder, entry in manifest.get("stages", {}).items():
-        stage_file = Path(run_dir) / "stages" / folder / "stage.json"
-        status = entry.get("status")
-        if stage_file.is_file():
-            data = json.loads(stage_file.read_text())
-            status = data.get("status", status) if status != "stale" else status
-            metrics = data.get("metrics", {})
-            detail = (f"loss {metrics['final_loss']:.4f}, {metrics.get('train_seconds', 0):.0f}s" if "final_loss" in metrics
-                      else _eval_detail(metrics))
+        record = read_json(run_dir / "stages" / folder / "stage.json")
+        status = _status(run_dir / "stages" / folder, entry, record)
+        if status == "failed":
+            detail = record.get("error") or entry.get("error") or ""
         else:
-            detail = ""
-        lines.append(f"  {entry.get('name', folder):<30} {status:<8} {detail}")
+            metrics = record.get("metrics", {}) if status == "done" else {}
+            detail = (f"loss {metrics['final_loss']:.4f}, {metrics.get('train_seconds', 0):.0f}s"
+                      if "final_loss" in metrics else _eval_detail(metrics))
+        lines.append(f"  {entry.get('name', folder):<30} {status:<11} {detail}".rstrip())
     return "\n".join(lines)
+
+
+def _status(folder: Path, entry: dict, record: dict) -> str:
+    status = entry.get("status") or "pending"
+    if status == "stale":
+        return status
+    kind = KINDS.get(entry.get("kind", "train"))
+    done = final_checkpoint(folder) is not None if kind is None or kind.produces_weights else record.get("status") == "done"
+    if done:
+        return "done"
+    if record.get("status") == "failed" or entry.get("status") == "failed":
+        return "failed"
+    return "partial" if status == "done" else status   # "done" without its COMPLETE checkpoint is not done
 
 
 def _eval_detail(metrics: dict) -> str:

@@ -6,18 +6,24 @@ Run directory::
     summary.json         every eval stage's metrics by variant and data set (+ "before"/"after" for baselines)
     features/            vision features shared by every eval (the tower is frozen: keyed by its weights)
     stages/NAME-KEY/     one folder per distinct stage: checkpoint/, log.jsonl, metrics.json, loss.png, stage.json
+    .lock, .lock.owner   held while a run is going on: a second run on the same directory is refused
 
-A stage is done when its ``stage.json`` says so; re-running a finished run does nothing. After a crash,
-running again (``--resume``) skips finished stages and the trainer resumes the unfinished one from its
-last checkpoint. A stage whose settings, inputs or parent changed has a new key, so it and every stage
-after it run again; folders no longer in the plan are listed as stale in the manifest.
+A stage that produces weights is done when its ``checkpoint/COMPLETE`` marker exists — the trainer's own
+record, the only one (``stage.json`` holds its metrics for reports). An eval stage is done when its
+``stage.json`` is written. Re-running a finished run does nothing. After a crash or a SIGTERM (Slurm
+preemption: the trainer saves, the run exits with status 3), running again (``--resume``) skips finished
+stages and the trainer resumes the unfinished one from its last checkpoint. A crashed stage is recorded
+``failed`` with its error in the manifest. A stage whose settings, inputs or parent changed has a new
+key, so it and every stage after it run again; folders no longer in the plan are listed as stale.
 
-Under ``accelerate launch`` / ``torchrun`` every rank runs this loop (training is collective); evaluation
-and every shared file are rank 0's.
+Under ``accelerate launch`` / ``torchrun`` every rank runs this loop (training is collective; in an eval
+stage every rank answers its share of the questions and rank 0 scores them); the lock and every shared
+file are rank 0's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,11 +32,24 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from medvlm.config import StageConfig, from_dict
+from medvlm.checkpoint import final_checkpoint
+from medvlm.fileio import FolderLock, atomic_write_json, read_json
+from medvlm.trainer import plot_loss  # noqa: F401 - re-exported: reports and older callers import it from here
 
-from .plan import Node, Plan, build_plan, load_curriculum, resolve
+from .kinds import KINDS
+from .plan import Node, Plan, build_plan, load_curriculum, require_inputs, resolve
 
 PACKAGES = ("medvlm", "torch", "transformers", "peft", "accelerate", "deepspeed", "datasets", "pydicom")
+
+
+class StageInterrupted(Exception):
+    """A stage stopped by SIGTERM/SIGINT with its state saved; the command exits 3 and a rerun resumes it."""
+
+    exit_code = 3
+
+    def __init__(self, node: Node, checkpoint: Path):
+        super().__init__(f"stage {node.name} interrupted; its state is saved in {checkpoint}. "
+                         "Run the same command again (or with --resume) to continue from there.")
 
 
 def _rank() -> int:
@@ -57,46 +76,73 @@ class CurriculumRunner:
         return self.run_dir / "stages" / node.folder_name
 
     def state(self, node: Node) -> str:
+        """done | failed | partial | pending — "done" from the checkpoint's COMPLETE marker (eval: stage.json)."""
         folder = self.folder(node)
-        stage_file = folder / "stage.json"
-        if stage_file.is_file() and json.loads(stage_file.read_text()).get("status") == "done":
+        record = read_json(folder / "stage.json")
+        if KINDS[node.kind].produces_weights:
+            if final_checkpoint(folder) is not None:
+                return "done"
+        elif record.get("status") == "done":
             return "done"
+        if record.get("status") == "failed":
+            return "failed"
         if (folder / "resume").is_dir() or (folder / "log.jsonl").is_file():
             return "partial"
         return "pending"
 
     # ------------------------------------------------------------------------------------ run
     def run(self, only: str | None = None, from_stage: str | None = None) -> dict:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        nodes = self.plan.nodes
-        if from_stage:
-            self._forget_from(from_stage, nodes)
-        self._write_manifest()
-        for node in nodes:
-            if only and node.stage != only:
-                continue
-            state = self.state(node)
-            if state == "done":
-                print(f"[curriculum] {node.name}: done, skipping ({self.folder(node)})")
-                continue
-            parent = node.model_parent
-            if parent is not None and self.state(parent) != "done":
-                raise RuntimeError(f"stage {node.name} needs {parent.name} finished first; run without --only")
-            print(f"[curriculum] {node.name}: {'resuming' if state == 'partial' else 'starting'} in {self.folder(node)}")
-            started = time.time()
-            self._set_status(node, "running", started=started)
-            metrics = self._run_node(node)
-            seconds = round(time.time() - started, 2)
+        lock = FolderLock(self.run_dir, "curriculum run") if self.is_main else contextlib.nullcontext()
+        with lock:
+            if from_stage:
+                self._forget_from(from_stage, self.plan.nodes)
+            self._write_manifest()
+            todo = [n for n in self.plan.nodes if (not only or n.stage == only) and self.state(n) != "done"]
+            require_inputs(todo, self.plan.base_dir)
+            for node in self.plan.nodes:
+                if not only or node.stage == only:
+                    self._run_stage(node)
+            summary = self.summary()
             if self.is_main:
-                _write_json(self.folder(node) / "stage.json", {"status": "done", "name": node.name, "key": node.key,
-                                                               "seconds": seconds, "metrics": metrics})
-            self._set_status(node, "done", seconds=seconds)
-            _barrier()
-        summary = self.summary()
-        if self.is_main:
-            _write_json(self.run_dir / "summary.json", summary)
-            print(f"[curriculum] done; summary at {self.run_dir / 'summary.json'}")
+                atomic_write_json(self.run_dir / "summary.json", summary)
+                print(f"[curriculum] done; summary at {self.run_dir / 'summary.json'}")
         return summary
+
+    def _run_stage(self, node: Node) -> None:
+        state = self.state(node)
+        if state == "done":
+            print(f"[curriculum] {node.name}: done, skipping ({self.folder(node)})")
+            return
+        parent = node.model_parent
+        if parent is not None and self.state(parent) != "done":
+            raise RuntimeError(f"stage {node.name} needs {parent.name} finished first; run without --only")
+        print(f"[curriculum] {node.name}: {'starting' if state == 'pending' else 'resuming'} in {self.folder(node)}")
+        started = time.time()
+        self._set_status(node, "running", started=started, error=None)
+        try:
+            metrics = KINDS[node.kind].run(self, node)
+        except StageInterrupted:
+            self._set_status(node, "interrupted")
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            self._record(node, {"status": "failed", "error": error})
+            self._set_status(node, "failed", error=error)
+            raise
+        seconds = round(time.time() - started, 2)
+        self._record(node, {"status": "done", "seconds": seconds, "metrics": metrics})
+        self._set_status(node, "done", seconds=seconds)
+        _barrier()
+
+    def _record(self, node: Node, entry: dict) -> None:
+        if self.is_main:
+            atomic_write_json(self.folder(node) / "stage.json", {"name": node.name, "key": node.key, **entry})
+
+    def trained(self, node: Node, result) -> dict:
+        """A train/finetune stage's result → its brief metrics; an interrupted one stops the run."""
+        if result.interrupted:
+            raise StageInterrupted(node, result.checkpoint)
+        return _brief(result.metrics)
 
     def _forget_from(self, stage: str, nodes: list[Node]) -> None:
         names = [n.stage for n in nodes]
@@ -108,69 +154,31 @@ class CurriculumRunner:
                 shutil.rmtree(self.folder(node), ignore_errors=True)
         _barrier()
 
-    def _model_source(self, node: Node) -> dict:
+    def model_source(self, node: Node) -> dict:
         parent = node.model_parent
-        return {"checkpoint": str(self.folder(parent) / "checkpoint")} if parent else self.plan.model
+        return {"checkpoint": str(self.folder(parent) / "checkpoint")} if parent else self.root_source()
 
-    def _run_node(self, node: Node) -> dict:
-        if node.kind == "train":
-            return self._train(node)
-        if node.kind == "finetune":
-            return self._finetune(node)
-        return self._eval(node)
+    def root_source(self) -> dict:
+        """The curriculum's model; a LLaVA-format checkpoint is converted once into ``converted/``."""
+        from medvlm.convert import ensure_converted
 
-    def _train(self, node: Node) -> dict:
-        from medvlm.trainer import train_stage
+        return ensure_converted(self.plan.model, self.run_dir / "converted", self.is_main)
 
-        settings = dict(node.settings)
-        settings["data"] = [_resolve_source(self.plan.base_dir, s) for s in settings.get("data") or []]
-        settings.update(name=node.name, model=self._model_source(node), output_dir=str(self.folder(node)))
-        result = train_stage(from_dict(StageConfig, settings))
-        self._plot_loss(node)
-        return _brief(result.metrics)
-
-    def _finetune(self, node: Node) -> dict:
-        from downstream.finetune import finetune
-
-        settings = {k: v for k, v in node.settings.items() if k != "lang"}
-        root = resolve(self.plan.base_dir, node.dataset["root"])
-        result = finetune(node.dataset["name"], root, self._model_source(node), self.folder(node), base=settings,
-                          lang=node.settings.get("lang", "en"))
-        self._plot_loss(node)
-        return _brief(result.metrics)
-
-    def _eval(self, node: Node) -> dict:
-        out = self.folder(node)
-        metrics: dict = {}
-        if self.is_main:
-            metrics["after"] = self._evaluate(node, self._model_source(node), out)
-            if node.settings.get("baseline"):
-                metrics["before"] = self._evaluate(node, self.plan.model, out / "baseline")
-        _barrier()
-        return metrics
-
-    def _evaluate(self, node: Node, source: dict, out: Path) -> dict:
+    def evaluate(self, node: Node, source: dict, out: Path) -> dict:
+        """One eval node: ``source``'s answers on the node's data set split → its suites' metrics."""
         from downstream.datasets import load_vqa
         from downstream.evaluate import evaluate_model
-        from downstream.metrics import SUITES
-        from medvlm.model import load_model
+        from downstream.protocols import EvalSettings
+        from medvlm.device import load_for_inference
 
         dataset = node.dataset
         records, report = load_vqa(dataset["name"], resolve(self.plan.base_dir, dataset["root"]),
                                    node.settings.get("split", "test"), dataset.get("lang", "en"))
-        bundle = load_model(source)
-        result = evaluate_model(bundle, records, out, node.settings.get("suites", SUITES),
-                                batch_size=node.settings.get("batch_size", 16),
-                                max_new_tokens=node.settings.get("max_new_tokens", 32),
-                                closed_mode=node.settings.get("closed_mode", "generate"),
-                                option_suffix=node.settings.get("option_suffix", False), progress=False,
+        bundle = load_for_inference(source)
+        result = evaluate_model(bundle, records, out, EvalSettings.from_mapping(node.settings), progress=False,
                                 feature_cache_dir=self.run_dir / "features" if node.settings.get("feature_cache", True) else None)
         result["skipped"] = dict(report.skipped)
         return result
-
-    def _plot_loss(self, node: Node) -> None:
-        if self.is_main:
-            plot_loss(self.folder(node) / "log.jsonl", self.folder(node) / "loss.png", node.name)
 
     # ------------------------------------------------------------------------------------ records
     def summary(self) -> dict:
@@ -179,10 +187,10 @@ class CurriculumRunner:
         for label, nodes in self.plan.variants.items():
             per_set = {}
             for node in nodes:
-                stage_file = self.folder(node) / "stage.json"
-                if node.kind != "eval" or not stage_file.is_file():
+                record = read_json(self.folder(node) / "stage.json")
+                if node.kind != "eval" or record.get("status") != "done":
                     continue
-                metrics = json.loads(stage_file.read_text())["metrics"]
+                metrics = record["metrics"]
                 per_set[node.dataset["name"]] = {k: v["suites"] for k, v in metrics.items()}
             variants[label] = per_set
         summary: dict = {"name": self.plan.name, "variants": variants}
@@ -210,22 +218,14 @@ class CurriculumRunner:
             name=self.plan.name, config=self.config, base_dir=str(self.plan.base_dir),
             variants={label: [n.folder_name for n in nodes] for label, nodes in self.plan.variants.items()},
             packages=_versions(), git_revision=_git_revision(), stages=stages)
-        _write_json(self.manifest_path, self.manifest)
+        atomic_write_json(self.manifest_path, self.manifest)
 
     def _set_status(self, node: Node, status: str, **extra) -> None:
         if not self.is_main:
             return
         entry = self.manifest.setdefault("stages", {}).setdefault(node.folder_name, {})
         entry.update(status=status, **extra)
-        _write_json(self.manifest_path, self.manifest)
-
-
-def _resolve_source(base_dir: Path, source) -> dict:
-    source = {"path": source} if isinstance(source, str) else dict(source)
-    source["path"] = str(resolve(base_dir, source["path"]))
-    if source.get("images"):
-        source["images"] = str(resolve(base_dir, source["images"]))
-    return source
+        atomic_write_json(self.manifest_path, self.manifest)
 
 
 def _brief(metrics: dict) -> dict:
@@ -240,26 +240,6 @@ def _headline(suites: dict) -> dict:
             "open_recall": llava.get("open_recall"), "open_recall_ci": llava.get("open_recall_ci"),
             "open_f1": strict.get("open_f1"), "open_f1_ci": strict.get("open_f1_ci"),
             "n_closed": strict.get("n_closed"), "n_open": strict.get("n_open")}
-
-
-def plot_loss(log_file: Path, out: Path, title: str) -> Path | None:
-    if not log_file.is_file():
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in log_file.read_text().splitlines() if '"loss"' in line]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
 
 
 def _versions() -> dict:
@@ -280,16 +260,16 @@ def _git_revision() -> str | None:
         return None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def run_curriculum(path: str | Path, run_dir: str | Path, overrides: list[str] | None = None,
-                   only: str | None = None, from_stage: str | None = None, base_dir: str | Path | None = None) -> dict:
-    """Plan ``path`` (relative data paths against ``base_dir``, default the YAML's folder) and run it."""
+                   only: str | None = None, from_stage: str | None = None, base_dir: str | Path | None = None,
+                   resume: bool = False) -> dict:
+    """Plan ``path`` (relative data paths against ``base_dir``, default the YAML's folder) and run it.
+
+    ``resume``: continue the run already in ``run_dir`` (refused when there is none). Without it a rerun
+    continues too — finished stages are never redone — ``resume`` only insists that there is a run."""
+    if resume and not (Path(run_dir) / "manifest.json").is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no curriculum run (no manifest.json); "
+                                "run without --resume to start one, or check --run-dir")
     data = load_curriculum(path, overrides)
     plan = build_plan(data, base_dir or Path(path).resolve().parent)
     return CurriculumRunner(plan, run_dir, data).run(only=only, from_stage=from_stage)

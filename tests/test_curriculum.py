@@ -140,7 +140,12 @@ def test_resume_after_a_crash_in_a_stage_gives_the_uninterrupted_metrics(tmp_pat
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_curriculum(path, tmp_path / "crashed")
     manifest = json.loads((tmp_path / "crashed" / "manifest.json").read_text())
-    assert {v["name"]: v["status"] for v in manifest["stages"].values()}["instruct"] == "running"
+    instruct = next(v for v in manifest["stages"].values() if v["name"] == "instruct")
+    assert instruct["status"] == "failed" and instruct["error"] == "RuntimeError: simulated crash"
+    from curricula.report import show_status
+
+    status_line = next(line for line in show_status(tmp_path / "crashed").splitlines() if "instruct" in line)
+    assert "failed" in status_line and "simulated crash" in status_line
     monkeypatch.setattr(trainer_module.Trainer, "_micro_step", original)
     resumed = run_curriculum(path, tmp_path / "crashed")
     instruct_log = next((tmp_path / "crashed" / "stages").glob("instruct-*")) / "log.jsonl"
@@ -151,6 +156,7 @@ def test_resume_after_a_crash_in_a_stage_gives_the_uninterrupted_metrics(tmp_pat
 @pytest.mark.parametrize("name", ["llava_med.yaml", "llava_med_from_llava.yaml", "llava_med_ablation.yaml", "demo.yaml",
                                   "demo_ablation.yaml"])
 def test_show_plans_every_shipped_curriculum_without_weights(name, monkeypatch, capsys):
+    """Without their data (not in the repository) the plan is still printed, then the missing files fail it."""
     import transformers
 
     from medvlm.cli import main
@@ -160,11 +166,47 @@ def test_show_plans_every_shipped_curriculum_without_weights(name, monkeypatch, 
 
     monkeypatch.setattr(transformers.LlavaForConditionalGeneration, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    assert main(["curriculum", "show", str(CURRICULA / name)]) == 0
-    out = capsys.readouterr().out
+    assert main(["curriculum", "show", str(CURRICULA / name)]) == 2
+    out, err = capsys.readouterr()
     data = yaml.safe_load((CURRICULA / name).read_text())
     for stage in data["stages"]:
         assert stage["name"] in out
+    first = data["stages"][0]["data"][0]
+    assert "missing input(s)" in err and str(first["path"] if isinstance(first, dict) else first) in err
+
+
+def test_show_fails_naming_a_missing_data_file_and_passes_when_all_exist(tmp_path, capsys):
+    from medvlm.cli import main
+
+    path = _write(tmp_path)
+    assert main(["curriculum", "show", str(path)]) == 0
+    (tmp_path / "data" / "conversations.json").unlink()
+    assert main(["curriculum", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "align: " in err and str(tmp_path / "data" / "conversations.json") in err
+
+
+def test_run_refuses_missing_inputs_before_training_anything(tmp_path):
+    from curricula.plan import MissingInputs
+
+    path = _write(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "vqa")
+    with pytest.raises(MissingInputs, match="finetune\\[vqa-rad\\]: .*vqa"):
+        run_curriculum(path, tmp_path / "run")
+    assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_invalid_trainable_and_template_are_refused_at_load_with_did_you_mean(tmp_path):
+    from medvlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="stage instruct: 'trainable: projecter'.*did you mean 'projector'"):
+        build_plan(load_curriculum(_write(tmp_path, instruct={"trainable": "projecter"})), tmp_path)
+    with pytest.raises(ConfigError, match="stage align: 'template: plian'.*did you mean 'plain'"):
+        build_plan(load_curriculum(_write(tmp_path, align={"template": "plian"})), tmp_path)
+    with pytest.raises(ConfigError, match="kind 'evaluate'.*did you mean 'eval'"):
+        build_plan(load_curriculum(_write(tmp_path, eval={"kind": "evaluate"})), tmp_path)
 
 
 def test_unknown_stage_key_fails_before_running(tmp_path):
@@ -173,3 +215,85 @@ def test_unknown_stage_key_fails_before_running(tmp_path):
     path = _write(tmp_path, instruct={"epoch": 1})
     with pytest.raises(ConfigError, match="did you mean"):
         run_curriculum(path, tmp_path / "run")
+
+
+def _stop_in(stage: str, at_call: int, monkeypatch) -> None:
+    """Deliver SIGTERM's effect (the trainer's stop flag) during ``stage``'s ``at_call``-th micro-step."""
+    import signal
+
+    from medvlm import trainer as trainer_module
+
+    original = trainer_module.Trainer._micro_step
+    calls = {"n": 0}
+
+    def stopping(self, batch):
+        if self.config.name == stage:
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                self.state.stop_signal = signal.SIGTERM
+        return original(self, batch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_micro_step", stopping)
+
+
+def test_a_preempted_stage_is_not_done_the_run_exits_3_and_a_rerun_resumes_it(tmp_path, monkeypatch, capsys):
+    from medvlm.cli import main
+    from medvlm import trainer as trainer_module
+
+    path = _write(tmp_path)
+    run = tmp_path / "run"
+    original = trainer_module.Trainer._micro_step
+    _stop_in("instruct", 2, monkeypatch)
+    assert main(["curriculum", "run", str(path), "--run-dir", str(run)]) == 3
+    assert "interrupted" in capsys.readouterr().out
+    instruct = next((run / "stages").glob("instruct-*"))
+    assert not (instruct / "checkpoint").exists() and list((instruct / "resume").glob("checkpoint-*/COMPLETE"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {v["name"]: v["status"] for v in manifest["stages"].values()}["instruct"] == "interrupted"
+    assert not list((run / "stages").glob("finetune-*"))        # the next stage never started
+    monkeypatch.setattr(trainer_module.Trainer, "_micro_step", original)
+    assert main(["curriculum", "run", str(path), "--run-dir", str(run), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    logged = [r["step"] for r in map(json.loads, (instruct / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert logged == [1, 2, 3, 4]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {s["status"] for s in manifest["stages"].values()} == {"done"}
+
+
+def test_resume_without_a_run_to_resume_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--resume: .* holds no curriculum run"):
+        run_curriculum(_write(tmp_path), tmp_path / "nothing-here", resume=True)
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
+    from medvlm.fileio import FolderInUse, FolderLock
+
+    path = _write(tmp_path)
+    with FolderLock(tmp_path / "run", "curriculum run"):
+        with pytest.raises(FolderInUse, match=rf"{tmp_path / 'run'} is in use by another curriculum run \(pid \d+"):
+            run_curriculum(path, tmp_path / "run", only="align")
+
+
+def test_the_lock_of_a_crashed_run_is_taken_over_with_a_message(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    path = _write(tmp_path)
+    run = tmp_path / "run"
+    script = ("import os, sys\nfrom medvlm.fileio import FolderLock\n"
+              f"FolderLock({str(run)!r}).__enter__()\nos._exit(9)  # dies holding the lock\n")
+    subprocess.run([sys.executable, "-c", script], check=False, cwd=Path(__file__).resolve().parents[1])
+    assert (run / ".lock.owner").is_file()
+    run_curriculum(path, run, only="align")
+    assert "ended without releasing it" in capsys.readouterr().out
+    assert not (run / ".lock.owner").exists()
+
+
+def test_a_data_set_change_in_any_file_under_its_root_makes_its_stages_stale(tmp_path):
+    path = _write(tmp_path)
+    before = {n.name: n.key for n in build_plan(load_curriculum(path), tmp_path).nodes}
+    extra = next((tmp_path / "vqa").rglob("*.json")).parent / "notes.txt"
+    extra.write_text("a question file in another format")
+    after = {n.name: n.key for n in build_plan(load_curriculum(path), tmp_path).nodes}
+    assert after["align"] == before["align"] and after["instruct"] == before["instruct"]
+    assert after["finetune[vqa-rad]"] != before["finetune[vqa-rad]"]

@@ -145,6 +145,8 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     assert result.global_step == 18
     log = (tmp_path / "resumed" / "log.jsonl").read_text()
     assert '"step": 6' in log  # the crashed run reached step 6 and saved it
+    logged = [r["step"] for r in map(json.loads, log.splitlines()) if "loss" in r]
+    assert logged == list(range(1, 19))  # step 7, logged before the crash and again after the resume, once
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
 
@@ -190,3 +192,93 @@ def test_stage1_projector_loads_into_a_fresh_model_from_our_and_llava_key_names(
         load_projector(fresh.model, source)
         for key, value in projector_state_dict(trained.model).items():
             assert torch.equal(projector_state_dict(fresh.model)[key], value), (source, key)
+
+
+def _corrupt(images, names) -> None:
+    for name in names:
+        (images / name).write_bytes(b"this is not a PNG file")
+
+
+def test_images_that_fail_to_load_count_toward_max_skip_rate(tmp_path, colour_set):
+    from medvlm.data import DataError
+
+    data, images = colour_set
+    _corrupt(images, ["0.png", "1.png", "2.png"])           # 3 of 24 records: 12.5% > 5%
+    with pytest.raises(DataError, match=r"max_skip_rate.*do not load"):
+        Trainer(stage_config(data, images, tmp_path / "out", epochs=1)).run()
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_unloadable_images_within_the_limit_are_reported_in_the_data_report(tmp_path, colour_set):
+    data, images = colour_set
+    _corrupt(images, ["5.png"])
+    result = Trainer(stage_config(data, images, tmp_path / "out", epochs=1, max_skip_rate=0.1)).run()
+    assert result.metrics["data"]["skipped"] == {"image_unreadable": 1}
+    assert result.metrics["data"]["skip_rate"] == pytest.approx(1 / 24, abs=1e-6)
+
+
+def test_a_stage_where_no_batch_is_usable_stops_with_an_error(tmp_path, colour_set):
+    from medvlm.data import DataError
+
+    data, images = colour_set
+    _corrupt(images, [f"{i}.png" for i in range(24)])
+    with pytest.raises(DataError, match="no usable batch"):
+        Trainer(stage_config(data, images, tmp_path / "out", max_skip_rate=1.0, max_steps=5)).run()
+    assert not list((tmp_path / "out").glob("resume/checkpoint-*"))
+
+
+def test_a_changed_config_in_the_same_output_dir_is_refused_naming_the_changed_keys(tmp_path, colour_set):
+    from medvlm.config import ConfigError
+
+    data, images = colour_set
+    out = tmp_path / "out"
+    Trainer(stage_config(data, images, out, max_steps=2)).run()
+    with pytest.raises(ConfigError, match=r"different config \(batch_size 4 → 2; lr 0.001 → 0.002\).*--restart"):
+        Trainer(stage_config(data, images, out, max_steps=2, lr=2e-3, batch_size=2)).run()
+
+
+def test_harmless_changes_resume_with_a_warning(tmp_path, colour_set, caplog):
+    data, images = colour_set
+    out = tmp_path / "out"
+    Trainer(stage_config(data, images, out, max_steps=4, save_steps=1)).run()
+    (out / "checkpoint" / "COMPLETE").unlink()                  # as if killed before the export
+    with caplog.at_level("WARNING"):
+        result = Trainer(stage_config(data, images, out, max_steps=4, save_steps=2, log_steps=2)).run()
+    assert "log_steps 1 → 2" in caplog.text and "save_steps 1 → 2" in caplog.text
+    assert result.global_step == 4
+
+
+def test_restart_starts_over_and_drops_the_old_run_only_when_the_new_one_completes(tmp_path, colour_set):
+    data, images = colour_set
+    out = tmp_path / "out"
+    Trainer(stage_config(data, images, out, max_steps=2)).run()
+    config = stage_config(data, images, out, max_steps=3, lr=2e-3)
+    trainer = Trainer(config, restart=True)
+    trainer.setup()
+    aside = list(out.glob(".replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoint" / "COMPLETE").is_file() and trainer.state.global_step == 0
+    result = trainer.train()
+    assert result.global_step == 3 and not list(out.glob(".replaced-*"))
+    assert json.loads((out / "stage_config.json").read_text())["lr"] == 2e-3
+
+
+def test_train_writes_loss_png_fractional_epochs_and_an_fp32_precision_line(tmp_path, colour_set, capsys):
+    data, images = colour_set                                   # 24 records, batch 4: 6 steps per epoch
+    result = Trainer(stage_config(data, images, tmp_path / "out", max_steps=3)).run()
+    assert (tmp_path / "out" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.metrics["epochs"] == 0.5
+    out = capsys.readouterr().out
+    assert "precision fp32" in out and "precision no" not in out
+
+
+def test_max_length_above_the_tokenizers_own_limit_does_not_warn(tmp_path, capfd):
+    from tests.conftest import make_colour_set
+
+    data, images = make_colour_set(tmp_path / "d", n=4)
+    records = json.loads(data.read_text())
+    records[0]["conversations"][1]["value"] = "red and green " * 400   # > 1024 tokens, < 2048
+    data.write_text(json.dumps(records))
+    trainer = Trainer(stage_config(data, images, tmp_path / "out", max_length=2048, max_steps=1))
+    trainer.setup()
+    assert max(abs(n) for n in trainer.dataset.lengths) > 1024
+    assert "longer than the specified maximum" not in capfd.readouterr().err

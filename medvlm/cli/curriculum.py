@@ -18,7 +18,9 @@ def register(sub) -> None:
     add_overrides(run, "override a curriculum key, e.g. --set stages.4.epochs=3")
     run.add_argument("--only", metavar="STAGE", help="run only this stage (its parent must be finished)")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run from this stage on")
-    run.add_argument("--resume", action="store_true", help="continue a crashed run (finished stages are skipped)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --run-dir after a crash or preemption (refused when there is none); "
+                          "finished stages are skipped, the unfinished one resumes from its last checkpoint")
     run.add_argument("--base-dir", help="folder that relative data paths are relative to (default: the YAML's folder)")
     run.set_defaults(handler=run_curriculum)
     show = actions.add_parser("show", help="print the plan without loading any weights")
@@ -37,21 +39,30 @@ def register(sub) -> None:
 
 def run_curriculum(args) -> int:
     from curricula.plan import load_curriculum
+    from curricula.runner import StageInterrupted
     from curricula.runner import run_curriculum as run
+    from medvlm.cli.errors import INTERRUPTED
 
     name = load_curriculum(args.file, args.overrides).get("name", Path(args.file).stem)
     run_dir = Path(args.run_dir or f"runs/{name}")
-    run(args.file, run_dir, args.overrides, only=args.only, from_stage=args.from_stage, base_dir=args.base_dir)
+    try:
+        run(args.file, run_dir, args.overrides, only=args.only, from_stage=args.from_stage, base_dir=args.base_dir,
+            resume=args.resume)
+    except StageInterrupted as exc:
+        print(exc)
+        return INTERRUPTED
     print(f"run directory: {run_dir} (manifest.json, summary.json, stages/)")
     return 0
 
 
 def show_curriculum(args) -> int:
-    from curricula.plan import build_plan, load_curriculum
+    from curricula.plan import build_plan, load_curriculum, require_inputs
     from curricula.report import show_plan
 
     data = load_curriculum(args.file, args.overrides)
-    print(show_plan(build_plan(data, args.base_dir or Path(args.file).resolve().parent)))
+    plan = build_plan(data, args.base_dir or Path(args.file).resolve().parent)
+    print(show_plan(plan))
+    require_inputs(plan.nodes, plan.base_dir)  # the plan is printed either way; missing data fails the command
     return 0
 
 
