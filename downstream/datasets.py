@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from medvlm.fileio import atomic_write_bytes
+
 from .registry import RegisteredNames, lookup, register
 
 SPLIT_ALIASES = {"val": "validation", "validate": "validation", "valid": "validation", "dev": "validation"}
@@ -233,9 +235,7 @@ def _hf_parquet(source: Source, report: LoadReport) -> list[VQARecord]:
             suffix = Path(image.get("path") or "x.jpg").suffix or ".jpg"
             target = out_dir / f"{hashlib.sha256(data).hexdigest()[:20]}{suffix}"
             if not target.is_file():
-                tmp = target.with_name(f".{target.name}.tmp")
-                tmp.write_bytes(data)
-                tmp.replace(target)
+                atomic_write_bytes(target, data, fsync=False)   # content-named: a lost one is rewritten next time
             _add(records, report, VQARecord(
                 id=f"{split}_{index:06d}", image=str(target), question=str(row["question"]), answer=str(row["answer"]),
                 answer_type="closed" if is_yes_no(row["answer"]) else "open", split=split, dataset=dataset,

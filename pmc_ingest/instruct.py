@@ -30,6 +30,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from medvlm.fileio import atomic_path, atomic_write_json
+
 from .chat_client import (Budget, ClientError, Request, ResponseCache, SendStats, estimate_tokens, load_price,
                           send_all)
 
@@ -227,16 +229,13 @@ def dry_run(pairs_dir: str | Path, out_file: str | Path, options: InstructOption
     the dollar estimate (prompts only, and the worst case with ``max_tokens`` replies); no network."""
     requests = _requests(select_pairs(pairs_dir, options), options)
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     total = 0
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for pair, messages, key in requests:
             tokens = estimate_tokens(messages)
             total += tokens
             fh.write(json.dumps({"id": pair_id(pair), "key": key, "model": options.model, "messages": messages,
                                  "estimated_prompt_tokens": tokens}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_file)
     replies = len(requests) * options.max_tokens
     price = Budget(None, None, load_price(options.model, options.prices_file, required=False))
     known = price.price is not None
@@ -307,7 +306,5 @@ def _write_output(requests, cache: ResponseCache, options: InstructOptions, summ
             continue
         records.append(to_record(pair, turns))
     summary.accepted = len(records)
-    for name, data in (("instruct.json", records), ("summary.json", summary.as_dict())):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-        os.replace(tmp, out_dir / name)
+    atomic_write_json(out_dir / "instruct.json", records, indent=1)
+    atomic_write_json(out_dir / "summary.json", summary.as_dict(), indent=1)

@@ -144,6 +144,8 @@ def run_leakage(args) -> int:
     for pair in (report["exact"] + report["near"])[:20]:
         print(f"  {pair['test']}  ==  {pair['train']}")
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        from medvlm.fileio import atomic_write_json
+
+        atomic_write_json(args.out, report)
         print(f"report: {Path(args.out)}")
     return 0
