@@ -257,3 +257,20 @@ def test_a_command_group_without_its_step_prints_its_own_help(capsys):
     assert main(["ingest"]) == USAGE
     out = capsys.readouterr().out
     assert out.startswith("usage: medvlm ingest") and "instruct" in out and "curriculum" not in out
+
+
+def test_the_core_imports_nothing_above_it():
+    """medvlm/*.py is what every stage shares: the CLI, ingest, curricula and downstream build on it, never the reverse."""
+    import ast
+    from pathlib import Path
+
+    def above(name: str) -> bool:
+        return name.split(".")[0] in ("downstream", "curricula", "pmc_ingest") or name.split(".")[:2] == ["medvlm", "cli"]
+
+    offenders = []
+    for path in sorted((Path(__file__).parents[1] / "medvlm").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{path.name}: {n}" for n in names if above(n)]
+    assert offenders == []
