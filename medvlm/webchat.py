@@ -77,9 +77,12 @@ def reply(bundle, history: list[dict], question: str, image, decoding: Decoding,
 
 
 def describe(bundle, model_path: str | Path, template: str) -> str:
-    parameters = next(bundle.model.parameters())
-    return (f"**Checkpoint** `{model_path}` · **template** `{template}` · **device** `{parameters.device}` · "
-            f"**dtype** `{parameters.dtype}`. Research use only; not for diagnosis.")
+    from .device import describe as placement
+
+    where = placement(bundle.model)
+    return (f"**Checkpoint** `{model_path}` · **template** `{template}` · **device** `{where['device']}` · "
+            f"**dtype** `{where['dtype']}` · **attention** `{where['attn_implementation']}`. "
+            "Research use only; not for diagnosis.")
 
 
 def build_app(bundle, model_path: str | Path, template: str | None = None, system: str | None = None,
@@ -136,11 +139,12 @@ def build_app(bundle, model_path: str | Path, template: str | None = None, syste
 
 
 def launch(model_path: str | Path, host: str = "127.0.0.1", port: int | None = None, template: str | None = None,
-           system: str | None = None, decoding: Decoding | None = None, block: bool = True):
-    """Load the checkpoint, start the server; returns ``(app, url)`` (``block=False`` returns at once)."""
-    from .model import load_checkpoint
+           system: str | None = None, decoding: Decoding | None = None, block: bool = True, device: str | None = None):
+    """Load the checkpoint where models run (``device.py``: the accelerator when present), start the server;
+    returns ``(app, url)`` (``block=False`` returns at once)."""
+    from .device import load_for_inference
 
-    bundle = load_checkpoint(model_path)
+    bundle = load_for_inference(model_path, device)
     app = build_app(bundle, model_path, template, system, decoding)
     _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
                            share=False, footer_links=["api"])

@@ -44,6 +44,6 @@ def run_web(args) -> int:
     from medvlm.webchat import Decoding, launch
 
     print(f"web chat for {args.model} on http://{args.host}:{args.port} (Ctrl+C stops it)")
-    launch(args.model, host=args.host, port=args.port, template=args.template,
+    launch(args.model, host=args.host, port=args.port, template=args.template, device=getattr(args, "device", None),
            decoding=Decoding(args.max_new_tokens, args.temperature, args.top_p))
     return 0
