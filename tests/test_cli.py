@@ -184,7 +184,7 @@ def test_exit_codes_are_distinct_and_documented():
     from medvlm.cli import errors
 
     codes = [errors.OK, errors.BUG, errors.USAGE, errors.INTERRUPTED, errors.BAD_INPUT, errors.FILESYSTEM,
-             errors.RUN_FAILED]
+             errors.RUN_FAILED, errors.CTRL_C]
     assert len(set(codes)) == len(codes) == len(errors.EXIT_CODES)
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for code in codes:
@@ -274,3 +274,16 @@ def test_the_core_imports_nothing_above_it():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             offenders += [f"{path.name}: {n}" for n in names if above(n)]
     assert offenders == []
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    from medvlm.cli import evaluate
+    from medvlm.cli.errors import CTRL_C
+
+    def pressed(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "run_score", pressed)
+    assert main(["eval", "score", "--pred", "p", "--gt", "g"]) == CTRL_C
+    err = capsys.readouterr().err
+    assert err.startswith("medvlm: interrupted (Ctrl+C)") and err.count("\n") == 1 and "Traceback" not in err

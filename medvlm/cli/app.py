@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return int(args.handler(args) or 0)
-    except (KeyboardInterrupt, SystemExit):
-        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("medvlm: interrupted (Ctrl+C); finished outputs are kept, run the same command again to go on",
+              file=sys.stderr)
+        return errors.CTRL_C
     except Exception as exc:  # noqa: BLE001 - every error becomes one line and an exit code
         return errors.report(exc, debug, sys.stderr)

@@ -18,11 +18,13 @@ INTERRUPTED = 3       # stopped by a signal with its state saved: run the same c
 BAD_INPUT = 4         # an input file is missing, unreadable or malformed (data set, answers, images, JSON)
 FILESYSTEM = 5        # an output could not be written (permissions, read-only folder, disk full)
 RUN_FAILED = 6        # the run finished but produced nothing usable, or a service refused it
+CTRL_C = 130          # stopped by Ctrl+C outside a training loop (which saves a checkpoint and returns 3)
 
 EXIT_CODES = {OK: "success", BUG: "unexpected error (rerun with --debug and report the traceback)",
               USAGE: "wrong command line or configuration", INTERRUPTED: "interrupted; rerun to resume",
               BAD_INPUT: "missing or malformed input", FILESYSTEM: "cannot write an output",
-              RUN_FAILED: "the run produced nothing usable or a service refused it"}
+              RUN_FAILED: "the run produced nothing usable or a service refused it",
+              CTRL_C: "stopped by Ctrl+C"}
 
 
 def _input_errors() -> tuple[type, ...]:
