@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from medvlm.cli.errors import UsageError
+from medvlm.cli.options import add_device
 
 
 def register(sub) -> None:
@@ -33,6 +34,7 @@ def register(sub) -> None:
     evaluate.add_argument("--option-suffix", action="store_true", default=None,
                           help="add LLaVA-Med's yes/no option suffix to closed questions (default: the protocol's)")
     evaluate.add_argument("--feature-cache", help="folder to keep vision features in across evaluations")
+    add_device(evaluate)
     evaluate.add_argument("--candidates", help="LLaVA-Med candidate file {\"0\": [...]} for open accuracy")
     evaluate.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="same as `eval compare RUN_A RUN_B`")
     evaluate.set_defaults(handler=run_eval)
@@ -40,6 +42,7 @@ def register(sub) -> None:
     _register_score(actions, SUITES)
     _register_compare(actions, SUITES)
     _register_leakage(actions, DATASETS)
+    _register_judge(actions)
 
 
 def _register_score(actions, suites) -> None:
@@ -70,6 +73,52 @@ def _register_leakage(actions, datasets) -> None:
     leakage.set_defaults(handler=run_leakage)
 
 
+def _register_judge(actions) -> None:
+    from downstream.protocols import protocol_names
+
+    judge = actions.add_parser("judge", help="GPT-judged chat evaluation (LLaVA-Bench / LLaVA-Med qa50 files)")
+    judge.add_argument("--questions", required=True, help="question JSONL (LLaVA-Med llava_med_eval_qa50_qa.jsonl style)")
+    judge.add_argument("--out", required=True, help="output folder: answers, judge cache, scores, metrics, report")
+    source = judge.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint folder whose answers are judged")
+    source.add_argument("--answers", help="an existing LLaVA answer file (question_id, text) to judge")
+    judge.add_argument("--images", help="folder the questions' image paths are relative to")
+    judge.add_argument("--reference", help="reference answer file (question_id, text); default: gpt4_answer")
+    judge.add_argument("--protocol", choices=protocol_names(), default="medvlm", help="how --model answers")
+    judge.add_argument("--max-new-tokens", type=int, help="default: the protocol's")
+    add_device(judge)
+    judge.add_argument("--judge-model", default="gpt-4o", help="model name the judge endpoint serves")
+    judge.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OpenAI)")
+    judge.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    judge.add_argument("--max-concurrency", type=int, default=8, help="judge requests in flight at once")
+    judge.add_argument("--budget-usd", type=float, help="never send a request that could cross this spend")
+    judge.add_argument("--max-tokens-total", type=int, help="never send a request that could cross this many tokens")
+    judge.set_defaults(handler=run_judge_command)
+
+
+def run_judge_command(args) -> int:
+    from downstream import judge as jd
+    from downstream.protocols import EvalSettings
+
+    questions = jd.read_questions(args.questions)
+    if args.answers:
+        answers = jd.read_answers(args.answers)
+    else:
+        from medvlm.device import load_for_inference
+
+        settings = EvalSettings(protocol=args.protocol, max_new_tokens=args.max_new_tokens)
+        answers = jd.answer_questions(load_for_inference(args.model, device=args.device), questions, args.images,
+                                      args.out, settings)
+    references = jd.read_answers(args.reference) if args.reference else None
+    options = jd.judge_options(model=args.judge_model, base_url=args.base_url, api_key_env=args.api_key_env,
+                               max_concurrency=args.max_concurrency, budget_usd=args.budget_usd,
+                               max_tokens_total=args.max_tokens_total)
+    result = jd.run_judge(questions, answers, args.out, options, references)
+    print(jd.format_report(result), end="")
+    print(f"scores: {Path(args.out) / 'scores.jsonl'}\nmetrics: {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
 def _suites(args) -> list[str]:
     from downstream.metrics import SUITES
 
@@ -86,7 +135,7 @@ def run_eval(args) -> int:
     from downstream.datasets import load_vqa
     from downstream.metrics import format_table, read_candidates
     from downstream.protocols import EvalSettings
-    from medvlm.model import load_checkpoint
+    from medvlm.device import load_for_inference
 
     suites = _suites(args)
     records, report = load_vqa(args.dataset, args.root, args.split, args.lang)
@@ -95,7 +144,8 @@ def run_eval(args) -> int:
     settings = EvalSettings(protocol=args.protocol, suites=tuple(suites), batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, closed_mode=args.closed_mode,
                             option_suffix=args.option_suffix)
-    result = ev.evaluate_model(load_checkpoint(args.model), records, out, settings, candidates=candidates,
+    result = ev.evaluate_model(load_for_inference(args.model, device=args.device), records, out, settings,
+                               candidates=candidates,
                                feature_cache_dir=args.feature_cache)
     print(format_table(result, suites))
     if report.skipped:
