@@ -33,8 +33,9 @@ def _input_errors() -> tuple[type, ...]:
     from medvlm.imaging import ImageLoadError
 
     classes: list[type] = [DataError, ImageLoadError, FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError]
-    for module, name in (("downstream.evaluate", "ScoreInputError"), ("pmc_ingest.jats", "JatsError"),
-                         ("pmc_ingest.packages", "PackageError")):
+    for module, name in (("downstream.metrics", "ScoreInputError"), ("pmc_ingest.jats", "JatsError"),
+                         ("pmc_ingest.packages", "PackageError"), ("medvlm.conversation", "ConversationError"),
+                         ("medvlm.convert", "ConvertError")):
         try:
             classes.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
