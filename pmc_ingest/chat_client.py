@@ -10,6 +10,8 @@ What is durable, what is retried:
   entry; a request that failed — HTTP errors, timeouts, refused connections, a 200 that is not a chat
   completion (a wrong ``--base-url`` often answers with an HTML page or another API's JSON) — is logged
   with ``status: "error"`` and sent again by the next run.
+- An ``ok`` entry with no text, usage or refusal (what older versions cached for a 200 that was not a
+  completion) is treated as failed, so such caches heal on the next run.
 - A line cut by a kill is counted (``corrupt_cache_lines``) and skipped; the next append starts on a
   new line, so the cut line never swallows the entry after it.
 - Within a run, 429, 5xx, timeouts and connection errors are retried with exponential backoff and jitter,
@@ -105,6 +107,8 @@ class ResponseCache:
         except (json.JSONDecodeError, TypeError, KeyError):
             self.corrupt_lines += 1   # cut by a kill mid-write: that request is simply sent again
             return
+        if entry.get("status") == "ok" and not (entry.get("text") or entry.get("usage") or entry.get("refusal")):
+            entry = {**entry, "status": "error"}   # written by older medvlm for a 200 that was no completion
         if entry.get("status") == "ok" or self.entries.get(key, {}).get("status") != "ok":
             self.entries[key] = entry
 

@@ -277,3 +277,14 @@ def test_dry_run_estimates_dollars(pairs, tmp_path, capsys):
     assert main(["ingest", "instruct", "--pairs", str(pairs), "--out", str(tmp_path / "d"), "--dry-run"]) == 0
     assert "(about $" in capsys.readouterr().out
     assert dry_run(pairs, tmp_path / "p2.jsonl", InstructOptions(model="my-local-model"))["max_total_usd"] is None
+
+
+def test_an_empty_reply_without_usage_cached_by_older_versions_is_sent_again(pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    cache = tmp_path / "out" / "cache.jsonl"
+    with FakeOpenAI(fail_first=0) as server:
+        generate_instructions(pairs, tmp_path / "out", _options(server, limit=1), progress=False)
+        entry = json.loads(cache.read_text())
+        cache.write_text(json.dumps({**entry, "text": "", "usage": None}) + "\n")   # what a wrong-shaped 200 left
+        summary = generate_instructions(pairs, tmp_path / "out", _options(server, limit=1), progress=False)
+    assert summary.cached == 0 and summary.sent == 1 and summary.accepted == 1
