@@ -18,10 +18,13 @@ from pathlib import Path
 
 import torch
 
+from .fileio import atomic_path
+from .model import unwrap_peft
+
 
 def tower_fingerprint(model) -> str:
     """A hash of the vision tower's weights and the feature selection; changes if either does."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     config = base.config
     digest = hashlib.sha256(f"{config.vision_feature_layer}|{config.vision_feature_select_strategy}".encode())
     for name, tensor in sorted(base.model.vision_tower.state_dict().items()):
@@ -38,7 +41,7 @@ def preprocessing_signature(image_processor, image_aspect_ratio: str) -> str:
 def select_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """Exactly what ``LlavaModel.get_image_features`` feeds its projector: the configured hidden layer,
     without the CLS token for the ``default`` strategy."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     config = base.config
     tower = base.model.vision_tower
     dtype = next(tower.parameters()).dtype
@@ -93,11 +96,8 @@ class FeatureCache:
         if self.folder is not None:
             from safetensors.torch import save_file
 
-            path = self._disk_path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({"features": features.contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            with atomic_path(self._disk_path(key), fsync=False) as tmp:  # a cache: rebuilt if lost
+                save_file({"features": features.contiguous()}, str(tmp))
 
     def _disk_path(self, key: str) -> Path:
         return self.folder / key[17:19] / f"{key}.safetensors"
@@ -117,7 +117,7 @@ class FeatureCache:
 def embeds_with_image_features(model, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Token embeddings with the projected image features scattered into the image-token positions,
     as ``LlavaModel.forward`` does for ``pixel_values``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     embeds = base.get_input_embeddings()(input_ids)
     projected = base.model.multi_modal_projector(features.to(embeds.dtype))
     mask = (input_ids == base.config.image_token_id).unsqueeze(-1).expand_as(embeds)

@@ -87,3 +87,49 @@ def test_auto_grouping_only_when_padding_would_matter():
     assert choose_grouping("auto", uniform, 8, 0) is False
     assert choose_grouping("auto", varied, 8, 0) is True
     assert choose_grouping(True, uniform, 8, 0) is True
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("lr=-1", "'lr' must be > 0; got -1.0"), ("lr=.nan", "'lr' must be > 0"), ("epochs=0", "'epochs' must be > 0"),
+    ("max_steps=-5", "'max_steps' must be >= 1"), ("batch_size=0", "'batch_size' must be >= 1; got 0"),
+    ("grad_accum=0", "'grad_accum' must be >= 1"), ("warmup_ratio=1.5", "'warmup_ratio' must be in [0, 1)"),
+    ("max_skip_rate=2", "'max_skip_rate' must be in [0, 1]"), ("lora.r=0", "'lora.r' must be >= 1"),
+])
+def test_values_out_of_range_are_refused_at_load_naming_the_field(tmp_path, setting, message):
+    path = tmp_path / "stage.yaml"
+    path.write_text("name: s\n")
+    with pytest.raises(ConfigError) as caught:
+        load_stage(path, [setting])
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("trainable=projecter", "unknown part 'projecter'; did you mean 'projector'?"),
+    ("trainable=projector+lmm", "unknown part 'lmm'; did you mean 'llm'?"),
+    ("trainable=lora+llm", "not both"),
+    ("template=plian", "'template: plian' is not a template; did you mean 'plain'?"),
+    ("template=vicuna", "did you mean 'vicuna_v1'?"),
+    ("model={preset: tiyn}", "did you mean 'tiny'?"),
+])
+def test_trainable_template_and_preset_are_checked_at_load_with_did_you_mean(tmp_path, setting, message):
+    path = tmp_path / "stage.yaml"
+    path.write_text("name: s\n")
+    with pytest.raises(ConfigError) as caught:
+        load_stage(path, [setting])
+    assert message in str(caught.value)
+
+
+def test_every_registered_template_is_accepted():
+    from medvlm.config import template_names
+
+    for name in template_names():
+        assert load_stage(data={"template": name}).template == name
+
+
+def test_config_changes_name_each_changed_setting_and_ignore_harmless_ones_in_the_hash():
+    from medvlm.config import config_changes, config_hash, to_dict
+
+    a, b = to_dict(load_stage(data={"lr": 1e-3})), to_dict(load_stage(data={"lr": 2e-3, "log_steps": 5}))
+    assert config_changes(a, b) == {"log_steps": "10 → 5", "lr": "0.001 → 0.002"}
+    assert config_hash(a) != config_hash(b)
+    assert config_hash(a) == config_hash(to_dict(load_stage(data={"lr": 1e-3, "log_steps": 5, "save_steps": 7})))
