@@ -40,6 +40,11 @@ TRAINABLE_PARTS = ("projector", "llm", "lora", "vision")
 LLAVA_V1_JINJA = chat_template_jinja("llava_v1")
 
 
+def unwrap_peft(model):
+    """The model inside a peft wrapper (LoRA keeps it, adapters injected), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @dataclass
 class LlavaBundle:
     """A model with everything needed to feed it: processor (image processor + tokenizer) and template."""
@@ -64,10 +69,7 @@ class LlavaBundle:
     @property
     def base_model(self):
         """The ``LlavaForConditionalGeneration`` inside a peft wrapper, or the model itself."""
-        model = self.model
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        return model
+        return unwrap_peft(self.model)
 
     @property
     def image_token_id(self) -> int:
