@@ -117,6 +117,7 @@ def _run_train(runner: "CurriculumRunner", node: "Node") -> dict:
     settings = dict(node.settings)
     settings["data"] = [resolve_source(runner.plan.base_dir, s) for s in settings.get("data") or []]
     settings.update(name=node.name, model=runner.model_source(node), output_dir=str(runner.folder(node)))
+    settings.setdefault("project", runner.plan.name)  # trackers: the curriculum is the project, a stage a run
     return runner.trained(node, train_stage(from_dict(StageConfig, settings)))
 
 
@@ -126,6 +127,7 @@ def _run_finetune(runner: "CurriculumRunner", node: "Node") -> dict:
     from .plan import resolve
 
     settings = {k: v for k, v in node.settings.items() if k != "lang"}
+    settings.setdefault("project", runner.plan.name)
     root = resolve(runner.plan.base_dir, node.dataset["root"])
     result = finetune(node.dataset["name"], root, runner.model_source(node), runner.folder(node), base=settings,
                       lang=node.settings.get("lang", "en"))
@@ -137,6 +139,7 @@ def _run_eval(runner: "CurriculumRunner", node: "Node") -> dict:
     metrics: dict = {}
     # every rank evaluates its share of the questions; rank 0 gathers and scores (downstream/evaluate.py)
     metrics["after"] = runner.evaluate(node, runner.model_source(node), out)
+    runner.record_scores(node, metrics["after"])
     if node.settings.get("baseline"):
         metrics["before"] = runner.evaluate(node, runner.root_source(), out / "baseline")
     return metrics

@@ -144,6 +144,20 @@ class CurriculumRunner:
             raise StageInterrupted(node, result.checkpoint)
         return _brief(result.metrics)
 
+    def record_scores(self, node: Node, result: dict) -> None:
+        """An eval node's scores → the model card of the checkpoint it evaluated (``medvlm/modelcard.py``) and
+        the trackers of the curriculum's ``defaults`` (TensorBoard files in the eval stage's folder)."""
+        parent = node.model_parent
+        if not self.is_main or parent is None or not result.get("suites"):
+            return
+        from medvlm.modelcard import add_evaluation, evaluation_record
+        from medvlm.tracking import log_scores, numbers
+
+        dataset, split = node.dataset["name"], node.settings.get("split", "test")
+        add_evaluation(self.folder(parent) / "checkpoint", evaluation_record(dataset, split, result))
+        report_to = (self.config.get("defaults") or {}).get("report_to", ["tensorboard"])
+        log_scores(report_to, self.plan.name, node.name, self.folder(node), numbers(result["suites"], f"eval/{dataset}"))
+
     def _forget_from(self, stage: str, nodes: list[Node]) -> None:
         names = [n.stage for n in nodes]
         if stage not in names:

@@ -4,8 +4,9 @@ A stage's ``report_to`` (default ``[tensorboard]``: event files in ``OUTPUT_DIR/
 offline) names the trackers; ``project`` is the W&B / trackio project and the MLflow experiment (a
 curriculum sets its own name), ``run_name`` the run (default: the stage name). Each tracker gets the
 stage config as hyperparameters, the training loss / learning rate / throughput every ``log_steps``, and
-the final metrics. Where they go is the trackers' own business: ``WANDB_MODE=offline``,
-``MLFLOW_TRACKING_URI=file:///path/mlruns`` and the like work as those tools document.
+the final metrics; a curriculum's evaluations log their scores to the trackers of its ``defaults``
+(``log_scores``). Where they go is the trackers' own business: ``WANDB_MODE=offline``,
+``MLFLOW_TRACKING_URI=sqlite:///mlflow.db`` and the like work as those tools document.
 """
 
 from __future__ import annotations
@@ -58,9 +59,7 @@ def start(accelerator, config, output_dir: Path) -> None:
         return
     from .config import to_dict
 
-    name = config.run_name or config.name
-    init_kwargs = {"wandb": {"name": name, "dir": str(output_dir)}, "mlflow": {"run_name": name},
-                   "trackio": {"name": name}}
+    init_kwargs = _init_kwargs(config.run_name or config.name, output_dir)
     accelerator.init_trackers(config.project, config=flat_config(to_dict(config)), init_kwargs=init_kwargs)
 
 
@@ -85,3 +84,26 @@ def numbers(values: dict, prefix: str) -> dict:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[f"{prefix}/{key}"] = value
     return out
+
+
+def log_scores(report_to: list[str], project: str, run_name: str, output_dir: Path, scores: dict, step: int = 0) -> None:
+    """Numbers from outside a training stage (a curriculum's evaluation) → a short run in each tracker."""
+    if not report_to:
+        return
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    check_installed(report_to)
+    for name in report_to:
+        tracker_class = LOGGER_TYPE_TO_CLASS[name]
+        if name == "tensorboard":
+            tracker = tracker_class(project, str(Path(output_dir) / "tensorboard"))
+        else:
+            tracker = tracker_class(project, **_init_kwargs(run_name, Path(output_dir))[name])
+        tracker.start()
+        tracker.log(scores, step=step)
+        tracker.finish()
+
+
+def _init_kwargs(run_name: str, output_dir: Path) -> dict:
+    return {"wandb": {"name": run_name, "dir": str(output_dir)}, "mlflow": {"run_name": run_name},
+            "trackio": {"name": run_name}}

@@ -81,3 +81,35 @@ def test_a_tracker_whose_package_is_missing_is_refused_not_dropped(colour_set, t
 def test_config_is_flattened_to_scalars_for_hyperparameter_panels():
     flat = flat_config({"lr": 1e-3, "lora": {"r": 8}, "data": [{"path": "a.json"}], "template": None})
     assert flat == {"lr": 1e-3, "lora.r": 8, "data": '[{"path": "a.json"}]', "template": "none"}
+
+
+def test_a_curriculum_puts_its_eval_scores_in_the_card_and_the_trackers(tmp_path):
+    """train → eval: the trained checkpoint's card gets model-index results; TensorBoard gets the scores
+    (eval stage folder) and the training loss (under the curriculum's name as project)."""
+    import yaml
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from curricula.runner import run_curriculum
+    from tests.conftest import make_colour_set
+    from tests.ecosystem_data import write_vqa
+
+    make_colour_set(tmp_path / "data", n=8)
+    write_vqa(tmp_path)
+    stages = [{"name": "align", "kind": "train", "trainable": "projector", "template": "plain", "lr": 1e-3,
+               "max_steps": 2, "log_steps": 1, "data": [{"path": "data/conversations.json", "images": "data/images"}]},
+              {"name": "eval", "kind": "eval", "datasets": [{"name": "vqa-rad", "root": "vqa_rad"}], "max_new_tokens": 4}]
+    path = tmp_path / "curriculum.yaml"
+    path.write_text(yaml.safe_dump({"name": "cardtest", "model": {"preset": "tiny"}, "stages": stages}))
+    run = tmp_path / "run"
+    summary = run_curriculum(path, run)
+    strict = summary["after"]["closed_accuracy"]
+
+    (align,) = (run / "stages").glob("align-*")
+    (evaluation,) = (run / "stages").glob("eval-*")
+    card = ModelCard.load(align / "checkpoint" / "README.md")
+    scores = {(r.dataset_name, r.metric_config, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert scores[("vqa-rad", "strict", "closed_accuracy")] == strict
+    events = EventAccumulator(str(next((evaluation / "tensorboard").rglob("events.*")).parent)).Reload()
+    assert events.Scalars("eval/vqa-rad/strict.closed_accuracy")[0].value == pytest.approx(strict)
+    assert list((align / "tensorboard" / "cardtest").rglob("events.*"))
