@@ -138,7 +138,8 @@ PRESETS = ("tiny",)
 # settings that cannot change what a run learns: changing them between runs resumes with a warning
 RESUME_SAFE_KEYS = frozenset({"name", "output_dir", "log_steps", "save_steps", "keep_last", "num_workers",
                               "report_to", "project", "run_name", "feature_cache", "feature_cache_dir", "answer_logits_only",
-                              "gradient_checkpointing", "max_skip_rate", "trust_remote_code"})
+                              "gradient_checkpointing", "max_skip_rate", "trust_remote_code", "save_projector",
+                              "report_to", "project", "run_name"})
 
 
 def _check_ranges(obj, ranges: dict, prefix: str = "") -> None:
