@@ -67,6 +67,7 @@ class InstructOptions:
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     max_consecutive_failures: int = 50
+    preset: str = "medvlm"          # prompt and record recipe (instruct_presets.py): medvlm | llava_med
 
 
 @dataclass
@@ -214,12 +215,16 @@ def select_pairs(pairs_dir: str | Path, options: InstructOptions) -> list[dict]:
 
 
 def _requests(pairs: list[dict], options: InstructOptions) -> list[tuple[dict, list[dict], str]]:
-    system = Path(options.system_file or PROMPTS / "instruct_system.txt").read_text(encoding="utf-8").strip()
-    fewshot = read_fewshot(options.fewshot_file)
+    from .instruct_presets import get_preset
+
+    preset = get_preset(options.preset)
+    system = Path(options.system_file or preset.system_file).read_text(encoding="utf-8")
+    system = system.strip() if preset.name == "medvlm" else system   # LLaVA-Med's prompt is sent as written
+    fewshot = read_fewshot(options.fewshot_file or preset.fewshot_file)
     params = {"temperature": options.temperature, "max_tokens": options.max_tokens}
     out = []
     for pair in pairs:
-        messages = build_messages(pair, system, fewshot, options.with_mentions)
+        messages = preset.build_messages(pair, system, fewshot, options.with_mentions)
         out.append((pair, messages, request_key(options.model, messages, pair_id(pair), params)))
     return out
 
@@ -290,6 +295,9 @@ def _raise_if_unusable(summary: InstructSummary, out_dir: Path) -> None:
 
 
 def _write_output(requests, cache: ResponseCache, options: InstructOptions, summary: InstructSummary, out_dir: Path) -> None:
+    from .instruct_presets import get_preset
+
+    preset = get_preset(options.preset)
     records = []
     for pair, _, key in requests:
         if not cache.done(key):
@@ -298,13 +306,13 @@ def _write_output(requests, cache: ResponseCache, options: InstructOptions, summ
         usage = entry.get("usage") or {}
         summary.total_prompt_tokens += usage.get("prompt_tokens", 0)
         summary.total_completion_tokens += usage.get("completion_tokens", 0)
-        turns, reason = validate_reply(entry.get("text", ""), _caption(pair), options.quote_words)
+        record, reason = preset.to_record(pair, entry.get("text", ""), options.quote_words, options.seed)
         if entry.get("refusal"):
-            turns, reason = None, "refusal"
+            record, reason = None, "refusal"
         if reason:
             summary.rejected[reason] += 1
             continue
-        records.append(to_record(pair, turns))
+        records.append(record)
     summary.accepted = len(records)
     atomic_write_json(out_dir / "instruct.json", records, indent=1)
     atomic_write_json(out_dir / "summary.json", summary.as_dict(), indent=1)

@@ -71,6 +71,7 @@ def _register_alignment(steps) -> None:
 
 def _register_instruct(steps) -> None:
     from pmc_ingest.instruct import InstructOptions
+    from pmc_ingest.instruct_presets import PRESETS
 
     defaults = InstructOptions()
     instruct = steps.add_parser("instruct", help="pairs → GPT-written instruction conversations (any OpenAI-compatible URL)")
@@ -86,6 +87,8 @@ def _register_instruct(steps) -> None:
     instruct.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="completion tokens per request")
     instruct.add_argument("--no-mentions", dest="with_mentions", action="store_false",
                           help="leave the inline mentions out of the prompt (LLaVA-Med's 60K vs 60K-IM)")
+    instruct.add_argument("--preset", choices=list(PRESETS), default=defaults.preset,
+                          help="prompt and record recipe: medvlm's, or LLaVA-Med's instruct_generate/postprocess")
     instruct.add_argument("--budget-usd", type=float, help="never send a request that could cross this spend")
     instruct.add_argument("--max-tokens-total", type=int, help="never send a request that could cross this many tokens")
     instruct.add_argument("--max-consecutive-failures", type=int, default=defaults.max_consecutive_failures,
