@@ -50,3 +50,16 @@ def test_reference_curricula_use_the_reference_templates_and_batches(tmp_path):
             if node.name in stages:
                 s = node.settings
                 assert (s["template"], s["batch_size"] * s.get("grad_accum", 1) * data["world_size"]) == stages[node.name]
+
+
+def test_llava_med_v1_5_curriculum_finetunes_and_evaluates_with_its_protocol(tmp_path):
+    from pathlib import Path
+
+    from curricula.plan import build_plan, load_curriculum
+    from downstream.protocols import EvalSettings
+
+    data = load_curriculum(Path(__file__).parent.parent / "curricula" / "llava_med_v1_5.yaml")
+    nodes = build_plan(data, tmp_path, hash_inputs=False).nodes
+    assert {n.settings.get("protocol") for n in nodes if n.kind in ("finetune", "eval")} == {"llava_med_v1_5"}
+    evaluation = next(n for n in nodes if n.kind == "eval")
+    assert EvalSettings.from_mapping(evaluation.settings).spec.template == "mistral_instruct"

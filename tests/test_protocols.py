@@ -120,3 +120,20 @@ def test_finetune_questions_are_laid_out_as_the_protocol_poses_them(tmp_path):
                       "What modality is shown?\n<image>"}
     path, _, _ = prepare_finetune_data("vqa-rad", root, tmp_path / "default")
     assert "<image>\nIs this a CT scan?" in {c["conversations"][0]["value"] for c in json.loads(path.read_text())}
+
+
+def _curriculum(**eval_stage) -> dict:
+    return {"name": "p", "model": {"preset": "tiny"},
+            "stages": [{"name": "eval", "kind": "eval", "split": "test",
+                        "datasets": [{"name": "vqa-rad", "root": "vqa"}], **eval_stage}]}
+
+
+def test_curriculum_eval_stage_takes_a_protocol_and_refuses_an_unknown_one_before_running(tmp_path):
+    from curricula.plan import build_plan
+    from medvlm.config import ConfigError
+
+    plan = build_plan(_curriculum(protocol="llava_1_5_short"), tmp_path, hash_inputs=False)
+    node = next(n for n in plan.nodes if n.kind == "eval")
+    assert EvalSettings.from_mapping(node.settings).spec.template == "vicuna_v1"
+    with pytest.raises(ConfigError, match="stage eval: unknown protocol 'llava_med'; choose one of medvlm"):
+        build_plan(_curriculum(protocol="llava_med"), tmp_path, hash_inputs=False)
