@@ -17,6 +17,7 @@ Templates (``TEMPLATES``; the reference each reproduces is in its ``source``):
   one-shot, then ``Human: q###``; the model writes ``Assistant: a###`` itself.
 - ``mistral_instruct``: LLaVA-Med v1.5 (Mistral-7B-Instruct): ``[INST] q [/INST] a </s>``, empty system.
 - ``plain``: LLaVA stage-1 pretraining: the image, then the caption and ``\\n``.
+- ``chatml``: ChatML (``<|im_start|>role\\n…<|im_end|>\\n``), fixed, for a language model that has none.
 - ``chat_template``: the language model's own Jinja chat template (e.g. ChatML for SmolLM2/Qwen).
 """
 
@@ -114,6 +115,12 @@ _PLAIN_JINJA = _CONTENT + (
     "{%- elif m['role'] == 'assistant' -%}{{ content(m) + '\\n' }}{%- endif -%}{%- endfor -%}"
 )
 
+_CHATML_JINJA = _CONTENT + _system("You are a helpful assistant.") + (
+    "{{ '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}{%- for m in loop_messages -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + content(m) + '<|im_end|>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("vicuna_v1", _two_sep_jinja(VICUNA_V1_SYSTEM),
              source="LLaVA-1.5 conv_vicuna_v1 (train --version v1; model_vqa --conv-mode vicuna_v1)"),
@@ -125,6 +132,7 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("mistral_instruct", _MISTRAL_INSTRUCT_JINJA,
              source="LLaVA-Med v1.5 conv_mistral_instruct (SeparatorStyle.LLAMA_2, empty system)"),
     Template("plain", _PLAIN_JINJA, source="LLaVA stage-1 pretraining (conv_llava_plain)"),
+    Template("chatml", _CHATML_JINJA, source="ChatML (Qwen/SmolLM style) for a language model without its own template"),
     Template("chat_template", None, source="the language model's own chat template"),
 )}
 
