@@ -95,25 +95,29 @@ def test_a_fetch_that_keeps_failing_is_retried_by_the_next_run_only(s3, ids, tmp
 def test_a_killed_run_resumes_without_fetching_any_media_twice(s3, ids, tmp_path):
     ingest_pmc([URL], tmp_path / "whole", options(s3, ids), progress=False)
     s3.requests.clear()
-    s3.delay_s = 0.15  # slow enough to be killed mid-run
+    s3.delay_s = 0.1  # slow enough to be killed mid-article
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "medvlm.cli", "ingest", "pmc", URL, "--pmcids", str(ids), "--endpoint-url", s3.url,
-               "--concurrency", "1", "--out", str(out)]
-    child = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    code = (f"from pmc_ingest.pairs import IngestOptions, ingest_pmc\n"
+            f"ingest_pmc([{URL!r}], {str(out)!r}, IngestOptions(pmcids={str(ids)!r}, endpoint_url={s3.url!r}, "
+            f"concurrency=1), progress=False)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    in_flight = out / ".ingest-all" / "fetch" / "PMC6500000.1"  # the last article, part-way through its media
+    last = "PMC6500000.1/40425_2019_603_Fig{}_HTML.jpg"  # the last article's figures, fetched in order
     deadline = time.time() + 60
-    while time.time() < deadline and not (in_flight.is_dir() and any(in_flight.glob("*.jpg"))):
-        time.sleep(0.01)
+    while time.time() < deadline and not s3.gets()[last.format(2)]:  # Fig1 fully fetched, Fig2 asked for
+        time.sleep(0.005)
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (out / "report.json").exists()
-    assert 0 < len(s3.gets(".jpg")) < 8
+    before = s3.gets(".jpg")
+    s3.requests.clear()
     s3.delay_s = 0.0
     report = ingest_pmc([URL], out, options(s3, ids), progress=False)
-    assert report.resumed_articles >= 2
-    assert max(s3.gets(".jpg").values()) == 1
-    assert rows(out) == rows(tmp_path / "whole")
+    again = s3.gets(".jpg")
+    assert report.resumed_articles == 2 and rows(out) == rows(tmp_path / "whole")
+    assert before[last.format(1)] == 1 and last.format(1) not in again     # fetched before the kill: never again
+    assert not [key for key in again if key.startswith("PMC6000000")]       # a finished article: nothing again
+    assert set(again) <= {last.format(2), last.format(3)}                   # at most what was still missing
 
 
 def test_cli_reads_the_bucket_and_refuses_a_wrong_endpoint_in_one_line(s3, ids, tmp_path, capsys):
