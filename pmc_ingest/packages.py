@@ -113,19 +113,24 @@ def discover(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
     from .cloud import is_version_folder, latest_versions
 
     found: set[Path] = set()
+    holds_article: dict[Path, bool] = {}  # folder → is an article folder (asked once per folder, not per file)
+
+    def article_folder(folder: Path) -> bool:
+        if folder not in holds_article:
+            holds_article[folder] = _is_article_folder(folder) or is_version_folder(folder)
+        return holds_article[folder]
+
     for item in map(Path, inputs):
         if not item.exists():
             raise FileNotFoundError(f"{item}: input not found; give a package, an article folder or a folder of them")
-        if item.is_file() or _is_article_folder(item) or is_version_folder(item):
+        if item.is_file() or article_folder(item):
             found.add(item)
             continue
         for path in item.rglob("*"):
-            if path.is_symlink() and not path.exists():
-                continue
             if path.is_dir():
-                if _is_article_folder(path) or is_version_folder(path):
+                if article_folder(path):
                     found.add(path)
-            elif not path.is_file() or _in_article_folder(path):
+            elif not path.is_file() or article_folder(path.parent):  # dangling links; files of an article
                 continue
             elif path.name.endswith((".tar.gz", ".tgz")) or path.suffix == ".nxml":
                 found.add(path)
@@ -136,12 +141,6 @@ def discover(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
 
 def _is_article_folder(folder: Path) -> bool:
     return folder.is_dir() and any(p.suffix == ".nxml" and p.is_file() for p in folder.iterdir())
-
-
-def _in_article_folder(path: Path) -> bool:
-    from .cloud import is_version_folder
-
-    return _is_article_folder(path.parent) or is_version_folder(path.parent)
 
 
 def shard(sources: list, spec: str | None) -> list:

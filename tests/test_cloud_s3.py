@@ -79,6 +79,13 @@ def test_a_request_failing_twice_with_503_is_retried(s3, ids, tmp_path):
     assert report.pairs_kept == 8 and report.retry_later == 0
 
 
+def test_an_object_over_the_size_cap_is_never_downloaded(s3, tree, ids, tmp_path):
+    report = ingest_pmc([URL], tmp_path / "out", options(s3, ids, max_image_bytes=1000), progress=False)
+    assert report.filtered["image_too_large"] == 8 and report.pairs_kept == 0
+    metadata_and_xml = sum(p.stat().st_size for p in [*tree.glob("metadata/*.json"), *tree.glob("*/PMC*.xml")])
+    assert report.fetch["bytes"] <= metadata_and_xml  # each figure stopped at its Content-Length
+
+
 def test_a_fetch_that_keeps_failing_is_retried_by_the_next_run_only(s3, ids, tmp_path):
     key = "PMC6000000.2/41426_2018_113_Fig3_HTML.jpg"
     s3.fail(f"/{BUCKET}/{key}", times=2)
