@@ -31,7 +31,6 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from .jats import normalise_license
 from .packages import ArticlePackage, FileMissing, PackageError, read_folder, safe_name, safe_pmcid
 from .s3 import FetchError, S3Store
 

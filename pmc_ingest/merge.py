@@ -116,8 +116,8 @@ def _sum_reports(reports: list[dict]) -> dict:
     return total
 
 
-def _earliest_first(tables) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
-    """Global row positions sorted earliest article first, and each position's (input, row)."""
+def _earliest_first(tables) -> tuple:
+    """Global row positions sorted earliest article first, and each position's (input, row): numpy arrays."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -135,7 +135,7 @@ def _earliest_first(tables) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
     return order, source, row
 
 
-def _first_of_each(order, hashes) -> "np.ndarray":
+def _first_of_each(order, hashes):
     """The earliest position of each distinct image hash, in earliest-first order."""
     import numpy as np
     import pyarrow as pa

@@ -106,6 +106,9 @@ def process_source(source: str, options: IngestOptions, oa_entry: dict | None = 
     except (PackageError, OSError) as exc:
         result.error, result.error_kind = str(exc), "unreadable_package"
         return result
+    except Exception as exc:  # noqa: BLE001 - as in process_package: report the article, go on
+        result.error, result.error_kind = f"{source}: {type(exc).__name__}: {exc}", "unexpected_error"
+        return result
     return process_package(package, options, oa_entry, result)
 
 
