@@ -197,7 +197,8 @@ def check_template(template: str | None) -> None:
 
 
 def check_model_source(source: dict) -> None:
-    if len(source) != 1 or next(iter(source)) not in MODEL_SOURCES:
+    named = [k for k in source if k != "vision" or "checkpoint" not in source]   # vision: for LLaVA-format folders
+    if len(named) != 1 or named[0] not in MODEL_SOURCES:
         raise ConfigError(f"'model' must have exactly one of {', '.join(MODEL_SOURCES)}; got {source!r}")
     if "preset" in source and source["preset"] not in PRESETS:
         raise ConfigError(f"'model.preset: {source['preset']}' is unknown; "

@@ -286,10 +286,14 @@ def compose(
     trust_remote_code: bool = False,
     seed: int = 0,
     attn_implementation: str | None = None,
+    random_vision: bool = False,
 ) -> LlavaBundle:
     """LLaVA-1.5 from parts: CLIP tower + causal LM + a new 2-layer GELU projector.
 
     ``llm`` may be a folder, a hub-style folder plus ``gguf_file``, or a path ending in ``.gguf``.
+    ``random_vision: true`` builds the tower from its config alone with random weights (``vision`` names a
+    known tower, e.g. ``openai/clip-vit-large-patch14-336``, or a folder with a config.json): the real
+    shapes without the download, for speed and memory checks.
     """
     from accelerate import init_empty_weights
     from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer,
@@ -305,8 +309,12 @@ def compose(
     if attn_implementation:
         lm_kwargs["attn_implementation"] = attn_implementation
     language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or torch.float32, **lm_kwargs)
-    vision_model = CLIPVisionModel.from_pretrained(vision, dtype=dtype or torch.float32,
-                                                   **({"attn_implementation": attn_implementation} if attn_implementation else {}))
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if random_vision:
+        torch.manual_seed(seed)
+        vision_model = CLIPVisionModel(vision_tower_config(vision), **attention).to(dtype or torch.float32)
+    else:
+        vision_model = CLIPVisionModel.from_pretrained(vision, dtype=dtype or torch.float32, **attention)
     vision_config = vision_model.config
 
     added = tokenizer.add_tokens([_special(IMAGE_TOKEN)], special_tokens=True)
@@ -317,6 +325,9 @@ def compose(
     if added:
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     text_config = language_model.config
+    if gguf_file:  # GGUF weights are de-quantised as they load: the LM is a plain float model from here on
+        text_config.__dict__.pop("quantization_config", None)
+        language_model.hf_quantizer = None
     text_config.pad_token_id = tokenizer.pad_token_id
 
     config = LlavaConfig(
@@ -339,6 +350,8 @@ def compose(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     try:
+        if random_vision:
+            raise OSError("no processor files for a tower built from its config")
         image_processor = AutoImageProcessor.from_pretrained(vision)
     except (OSError, ValueError):
         image_processor = make_image_processor(vision_config.image_size)
@@ -349,6 +362,20 @@ def compose(
     processor = make_processor(image_processor, tokenizer, vision_config.patch_size, tokenizer.chat_template)
     meta = {"template": template, "source": f"compose:{vision}+{llm}{'/' + gguf_file if gguf_file else ''}"}
     return LlavaBundle(model, processor, template, meta)
+
+
+def vision_tower_config(vision: str):
+    """The ``CLIPVisionConfig`` of a tower LLaVA checkpoints name (``convert.KNOWN_VISION``) or of a folder."""
+    from transformers import CLIPVisionConfig
+
+    from .convert import KNOWN_VISION
+
+    if vision in KNOWN_VISION:
+        return CLIPVisionConfig(**KNOWN_VISION[vision])
+    if (Path(vision) / "config.json").is_file():
+        return CLIPVisionConfig.from_pretrained(vision)
+    raise ValueError(f"vision {vision!r}: random_vision needs a known tower ({', '.join(KNOWN_VISION)}) "
+                     "or a folder with a config.json")
 
 
 # --------------------------------------------------------------------------------------- trainable parts

@@ -200,3 +200,17 @@ def test_a_tower_that_is_neither_local_nor_in_the_checkpoint_asks_for_vision(tmp
     with pytest.raises(ConvertError, match="--vision DIR"):
         convert(src, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_medvlm_convert_writes_the_folder_and_refuses_a_non_llava_folder_in_one_line(tmp_path, capsys):
+    from medvlm.cli.app import main
+
+    src = tmp_path / "llava"
+    write_llava_checkpoint(src, "llama", tower_in_checkpoint=False, safetensors=True)
+    assert main(["convert", str(src), str(tmp_path / "hf")]) == 0
+    assert "template vicuna_v1" in capsys.readouterr().out and (tmp_path / "hf" / "model.safetensors").is_file()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert main(["convert", str(tmp_path / "plain"), str(tmp_path / "out")]) == 4   # BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a LLaVA-format checkpoint" in err and not (tmp_path / "out").exists()

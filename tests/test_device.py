@@ -162,3 +162,21 @@ def test_a_failing_rank_stops_the_others_with_its_message(tmp_path):
     dev.FileExchange(tmp_path, "t", rank=1, world_size=2).fail(RuntimeError("CUDA out of memory"))
     with pytest.raises(RuntimeError, match="rank-1 failed: RuntimeError: CUDA out of memory"):
         exchange.gather({"q1": "yes"})
+
+
+def test_chat_and_eval_take_device_and_a_missing_gpu_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from medvlm.cli.app import main
+    from medvlm.model import build_tiny, save_folder
+
+    save_folder(build_tiny(), tmp_path / "model")
+    root = tmp_path / "vqa"
+    _vqa_set(root)
+    image = next((root / "VQA_RAD Image Folder").iterdir())
+    assert main(["chat", "Is it red?", "--model", str(tmp_path / "model"), "--image", str(image), "--device", "cpu",
+                 "--max-new-tokens", "2"]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    code = main(["eval", "--model", str(tmp_path / "model"), "--dataset", "vqa-rad", "--root", str(root),
+                 "--out", str(tmp_path / "out"), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--device cuda: no CUDA GPU is visible" in err

@@ -10,10 +10,10 @@ import logging
 import os
 import sys
 
-from medvlm.cli import chat, curriculum, demo, errors, evaluate, finetune, ingest, push, report, train
+from medvlm.cli import chat, convert, curriculum, demo, errors, evaluate, finetune, ingest, push, report, train
 from medvlm.cli.options import CommandParser
 
-GROUPS = (train, chat, ingest, finetune, evaluate, demo, curriculum, report, push)
+GROUPS = (train, chat, ingest, finetune, evaluate, demo, curriculum, report, push, convert)
 
 
 def build_parser() -> CommandParser:

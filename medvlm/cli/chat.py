@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from medvlm.cli.options import add_device
+
 
 def register(sub) -> None:
     chat = sub.add_parser("chat", help="ask a model a question about an image (PNG/JPEG/DICOM); --web: a browser chat")
@@ -10,6 +12,7 @@ def register(sub) -> None:
     chat.add_argument("--image", help="image file; DICOM is read with pydicom")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("--template", default=None, help="override the prompt template the model was trained with")
+    add_device(chat)
     web = chat.add_argument_group("web chat (Gradio; pip install 'medvlm[web]')")
     web.add_argument("--web", action="store_true", help="open a browser chat: image upload (DICOM too), multi-turn")
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: reachable from the network)")
@@ -26,10 +29,10 @@ def run_chat(args) -> int:
         from medvlm.cli.errors import UsageError
 
         raise UsageError("medvlm chat: give a question, or --web for a browser chat")
+    from medvlm.device import load_for_inference
     from medvlm.generate import generate_answers
-    from medvlm.model import load_checkpoint
 
-    bundle = load_checkpoint(args.model)
+    bundle = load_for_inference(args.model, device=args.device)
     answer = generate_answers(bundle, [args.question], [args.image], max_new_tokens=args.max_new_tokens,
                               template=args.template)[0]
     print(answer)

@@ -48,3 +48,9 @@ class CommandParser(argparse.ArgumentParser):
 def add_overrides(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     """``--set KEY=VALUE`` (repeatable), collected into ``args.overrides``."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where a model runs for inference (``medvlm.device``: by default the accelerator)."""
+    parser.add_argument("--device", help="where the model runs: cpu, cuda, cuda:N or mps (default: this process's GPU "
+                                         "when there is one, bf16 where supported; else the CPU in fp32)")
