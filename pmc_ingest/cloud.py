@@ -31,7 +31,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from .packages import ArticlePackage, FileMissing, PackageError, read_folder, safe_name, safe_pmcid
+from .packages import IMAGE_SUFFIXES, ArticlePackage, FileMissing, PackageError, read_folder, safe_name, safe_pmcid
 from .s3 import FetchError, S3Store
 
 _VERSION = re.compile(r"(PMC\d+)\.(\d+)")
@@ -179,7 +179,7 @@ def fetch_package(store: S3Store, version: str, licenses: list[str] | None, max_
     article = store.get(f"{version}/{safe_name(xml_name)}", md5=xml_md5)
     media = dict(_name_and_md5(url) for url in metadata.get("media_urls") or [])
     package = ArticlePackage(store.url(f"{version}/"), xml_name, article, metadata=metadata)
-    package.lazy = {name for name in media if name == safe_name(name)}
+    package.lazy = {name for name in media if name == safe_name(name) and name.lower().endswith(IMAGE_SUFFIXES)}
     package.loader = lambda name: _cached_get(store, version, name, max_file_bytes, media.get(name), cache_dir)
     return package, None
 

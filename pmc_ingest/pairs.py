@@ -61,6 +61,7 @@ class IngestOptions:
     concurrency: int = 16                       # s3:// input: articles fetched at once
     timeout: float = 30.0                       # s3:// input: seconds per request
     retries: int = 5                            # s3:// input: retries per request (503, timeouts…)
+    signed: bool = False                        # s3:// input: sign with AWS credentials (private mirrors)
 
 
 @dataclass
@@ -381,7 +382,8 @@ def ingest_pmc(inputs: list[str | Path], out_dir: str | Path, options: IngestOpt
     plan = _remote_plan(inputs, options, log) if _is_remote(inputs) else _local_plan(inputs, options)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(options).items()
-                if k not in ("num_proc", "concurrency", "timeout", "retries", "endpoint_url", "rows_per_shard")}
+                if k not in ("num_proc", "concurrency", "timeout", "retries", "endpoint_url", "signed",
+                             "rows_per_shard")}
     log.key = fingerprint({"options": settings, "inputs": [str(i) for i in inputs], "keys": plan.keys})
     done = log.open()
     report = IngestReport(superseded=list(plan.superseded), resumed_articles=len(done))
@@ -439,7 +441,8 @@ def _remote_plan(inputs: list[str | Path], options: IngestOptions, log: WorkLog)
                          "inventory CSV); listing all ~8 million prefixes is not done")
     ids, superseded = read_id_list(options.pmcids)
     store = S3Store(str(inputs[0]), S3Options(endpoint_url=options.endpoint_url, concurrency=options.concurrency,
-                                              timeout=options.timeout, retries=options.retries))
+                                              timeout=options.timeout, retries=options.retries,
+                                              signed=options.signed))
     store.check()
     return _Plan(shard(ids, options.shard), lambda key: (key,), lambda key: _fetch_and_process(store, key, options, log),
                  lambda: ThreadPoolExecutor(max_workers=max(1, options.concurrency)), superseded, store)

@@ -118,7 +118,7 @@ class S3Store:
             self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
         except (ClientError, BotoCoreError) as exc:
             raise FetchError(f"s3://{self.bucket}/{self.prefix}: cannot list the bucket ({exc}); check the bucket "
-                             f"name and --endpoint-url{'' if self.options.signed else ' (requests are unsigned)'}") from exc
+                             f"name and --endpoint-url{'' if self.options.signed else ' (requests are unsigned; --signed uses your AWS credentials)'}") from exc
 
     def list_prefixes(self, prefix: str) -> list[str]:
         """Sub-"folders" directly under ``prefix`` (``PMC123.`` → ``PMC123.1``, ``PMC123.2``)."""

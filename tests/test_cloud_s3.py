@@ -71,6 +71,13 @@ def test_shards_split_the_id_list_deterministically(s3, ids, tmp_path):
     assert len(load_pairs(tmp_path / "out")) == 8
 
 
+def test_signed_requests_for_a_private_mirror(s3, ids, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "lab-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "lab-secret")
+    report = ingest_pmc([URL], tmp_path / "out", options(s3, ids, signed=True), progress=False)
+    assert report.pairs_kept == 8
+
+
 def test_a_request_failing_twice_with_503_is_retried(s3, ids, tmp_path):
     key = "PMC6500000.1/40425_2019_603_Fig2_HTML.jpg"
     s3.fail(f"/{BUCKET}/{key}", times=2)

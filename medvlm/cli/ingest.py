@@ -28,6 +28,8 @@ def _register_pmc(steps) -> None:
     pmc.add_argument("--concurrency", type=int, default=16, help="(s3://) articles fetched at once")
     pmc.add_argument("--timeout", type=float, default=30.0, help="(s3://) seconds per request")
     pmc.add_argument("--retries", type=int, default=5, help="(s3://) retries per request, with backoff")
+    pmc.add_argument("--signed", action="store_true", help="(s3://) sign requests with your AWS credentials "
+                     "(private mirrors; PMC's bucket needs none)")
     pmc.add_argument("--oa-file-list", help="legacy oa_file_list.csv: keep only listed articles, take their licenses")
     pmc.add_argument("--license", dest="licenses", action="append",
                      help="allowed license (repeatable), e.g. --license 'CC BY' --license CC0; matched against "
@@ -113,7 +115,8 @@ def run_pmc(args) -> int:
         min_image_side=args.min_image_side, max_image_bytes=int(args.max_image_mb * 2**20),
         max_image_pixels=args.max_image_pixels, licenses=args.licenses, num_proc=args.num_proc, shard=args.shard,
         oa_file_list=args.oa_file_list, rows_per_shard=args.rows_per_shard, pmcids=args.pmcids,
-        endpoint_url=args.endpoint_url, concurrency=args.concurrency, timeout=args.timeout, retries=args.retries)
+        endpoint_url=args.endpoint_url, concurrency=args.concurrency, timeout=args.timeout, retries=args.retries,
+        signed=args.signed)
     report = ingest_pmc(args.inputs, args.out, options)
     print(report.summary())
     out = Path(args.out)
