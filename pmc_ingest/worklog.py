@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -41,6 +42,8 @@ class WorkLog:
             except (OSError, ValueError, KeyError):
                 same = False
             if not same:
+                logging.getLogger(__name__).warning(
+                    "%s: an unfinished run with other arguments or inputs; starting this one afresh", self.dir)
                 shutil.rmtree(self.dir)
         if not self.dir.is_dir():
             self.dir.mkdir(parents=True)
