@@ -221,3 +221,22 @@ def test_unsafe_paths_are_refused_by_the_last_check():
     assert safe_name("../../etc/passwd") == "passwd" and safe_name("..") == "file"
     with pytest.raises(ValueError, match="leave the output folder"):
         inside(Path(os.getcwd()), "images/../../x.jpg")
+
+
+def test_an_unfinished_run_with_other_arguments_is_not_resumed(tmp_path, monkeypatch):
+    for i in range(3):
+        write_package(_spec(f"PMC100000{i}", (f"f{i}", i + 1)), tmp_path / "in")
+    real, calls = pairs_module.process_source, []
+
+    def dies_on_the_third_article(*args):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(pairs_module, "process_source", dies_on_the_third_article)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_pmc([tmp_path / "in"], tmp_path / "out", IngestOptions(), progress=False)
+    monkeypatch.setattr(pairs_module, "process_source", real)
+    report = ingest_pmc([tmp_path / "in"], tmp_path / "out", IngestOptions(min_caption_chars=10), progress=False)
+    assert report.resumed_articles == 0 and report.articles_read == 3
