@@ -137,3 +137,64 @@ def test_curriculum_eval_stage_takes_a_protocol_and_refuses_an_unknown_one_befor
     assert EvalSettings.from_mapping(node.settings).spec.template == "vicuna_v1"
     with pytest.raises(ConfigError, match="stage eval: unknown protocol 'llava_med'; choose one of medvlm"):
         build_plan(_curriculum(protocol="llava_med"), tmp_path, hash_inputs=False)
+
+
+def _fake_finetune(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from downstream import finetune
+
+    seen = {}
+
+    def fake_train(config):
+        seen["config"] = config
+        return SimpleNamespace(checkpoint=tmp_path / "ft" / "checkpoint", output_dir=tmp_path / "ft")
+
+    monkeypatch.setattr(finetune, "train_stage", fake_train)
+    return write_vqa_rad_original(tmp_path / "rad", _items()), seen
+
+
+@pytest.mark.parametrize("world, accumulation", [(None, 8), ("8", 1), ("2", 4)])
+def test_finetune_defaults_to_llava_meds_global_batch_of_64(tmp_path, monkeypatch, world, accumulation):
+    from downstream.finetune import finetune
+
+    root, seen = _fake_finetune(tmp_path, monkeypatch)
+    if world:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    finetune("vqa-rad", root, {"preset": "tiny"}, tmp_path / "ft")
+    assert (seen["config"].batch_size, seen["config"].grad_accum) == (8, accumulation)
+
+
+def test_finetune_keeps_a_batch_size_the_user_chose(tmp_path, monkeypatch):
+    from downstream.finetune import finetune
+
+    root, seen = _fake_finetune(tmp_path, monkeypatch)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    finetune("vqa-rad", root, {"preset": "tiny"}, tmp_path / "ft", ["batch_size=3"])
+    assert (seen["config"].batch_size, seen["config"].grad_accum) == (3, 1)
+
+
+def test_cli_eval_and_finetune_take_a_protocol(tmp_path, monkeypatch):
+    from downstream import evaluate
+    from medvlm import device
+    from medvlm.cli import main
+
+    root, seen = _fake_finetune(tmp_path, monkeypatch)
+    assert main(["finetune", "--dataset", "vqa-rad", "--root", str(root), "--model", "m", "--out",
+                 str(tmp_path / "ft"), "--protocol", "llava_1_5_short"]) == 0
+    data = json.loads((tmp_path / "ft" / "data" / "vqa-rad_train.json").read_text())
+    assert data[0]["conversations"][0]["value"].endswith("Answer the question using a single word or phrase.")
+
+    def fake_evaluate(bundle, records, out, settings, **kw):
+        seen["settings"] = settings
+        return {"suites": {}, "groups": {}}
+
+    monkeypatch.setattr(evaluate, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(device, "load_for_inference", lambda *args, **kw: None)
+    monkeypatch.setattr("downstream.metrics.format_table", lambda result, suites: "table")
+    assert main(["eval", "--model", "m", "--dataset", "vqa-rad", "--root", str(root), "--out", str(tmp_path / "e"),
+                 "--protocol", "llava_med_v1"]) == 0
+    settings = seen["settings"]
+    assert (settings.protocol, settings.tokens, settings.option_suffix) == ("llava_med_v1", 1024, None)
