@@ -335,12 +335,14 @@ def _projector_file(folder: Path) -> Path | None:
 
 def ensure_converted(source: dict, work_dir: str | os.PathLike, is_main: bool = True) -> dict:
     """A model source whose checkpoint is in LLaVA's format, converted once into ``work_dir`` (keyed by the
-    checkpoint's path and config) and returned as ``{checkpoint: converted}``; other sources unchanged.
-    Ranks other than the main one wait for the main rank's finished folder."""
+    checkpoint's path, its files' names, sizes and times, and ``vision``) and returned as
+    ``{checkpoint: converted}``; other sources unchanged. Ranks other than the main one wait for the main
+    rank's finished folder."""
     path = source.get("checkpoint") if isinstance(source, dict) else None
     if not path or not is_llava_format(path):
         return source
-    key = hashlib.sha256(f"{Path(path).resolve()}\n{(Path(path) / 'config.json').read_text()}".encode()).hexdigest()[:12]
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(path).iterdir() if f.is_file())
+    key = hashlib.sha256(f"{Path(path).resolve()}\n{files}\n{source.get('vision')}".encode()).hexdigest()[:12]
     dst = Path(work_dir) / f"{Path(path).name}-{key}"
     if is_main and not (dst / "COMPLETE").is_file():
         shutil.rmtree(dst, ignore_errors=True)
