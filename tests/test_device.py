@@ -133,6 +133,7 @@ def test_two_processes_answer_their_share_of_images_and_rank_0_scores_the_same_a
     one = _run([], script, root, tmp_path / "one", mode)
     two = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2"], script, root, tmp_path / "two", mode)
 
+    assert [line for line in one.stdout.splitlines() if line.startswith("answered")] == ["answered 15"]
     shares = sorted(int(line.split()[1]) for line in two.stdout.splitlines() if line.startswith("answered"))
     assert len(shares) == 2 and sum(shares) == 15 and all(n % 3 == 0 and n > 0 for n in shares)  # whole images
     assert (tmp_path / "one" / "answers.jsonl").read_text() == (tmp_path / "two" / "answers.jsonl").read_text()
