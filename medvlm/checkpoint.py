@@ -158,7 +158,10 @@ def merge_lora_gathered(peft_model):
     return peft_model.unload()
 
 
-def strip_peft_prefix(state_dict: dict) -> dict:
-    """State-dict keys of a (merged, unloaded) peft-wrapped model → the plain model's keys."""
+def strip_peft_prefix(state_dict: dict | None) -> dict | None:
+    """State-dict keys of a (merged, unloaded) peft-wrapped model → the plain model's keys (``None``: the
+    consolidated state dict exists on rank 0 only)."""
+    if state_dict is None:
+        return None
     prefix = "base_model.model."
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}

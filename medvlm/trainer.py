@@ -18,6 +18,10 @@ Features, and how a stage config (``medvlm.config.StageConfig``) switches them:
 - **Logits where the loss is** (``answer_logits_only``, on by default): the LM head and the cross-entropy
   run only at positions that predict a supervised token (``logits_to_keep``), not at every image and
   prompt token; the loss is the one transformers computes, exactly, without the [tokens × vocab] logits.
+- **Shared-image packing** (``pack_by_image``: off by default, ``true``, or ``auto`` when images average ≥ 1.5
+  questions): the questions about one image in a batch share one row — the prompt prefix once, a segment per
+  question, a 4D mask and continuing position ids (``packing.py``); batches are formed from images
+  (``data.ImageGroupedBatchSampler``). Exact: each question's loss and gradients are those it gets alone.
 - **Data**: LLaVA conversation JSON/JSONL, labels on assistant turns only, length-grouped batches
   (``group_by_length``; ``auto`` groups when random batches would pad ≥ 10%), padding fraction logged
   per epoch, unusable records — images that fail to load included — counted by reason against
@@ -31,7 +35,8 @@ Features, and how a stage config (``medvlm.config.StageConfig``) switches them:
 - **Outputs**: ``checkpoint/`` (an HF folder that loads with plain transformers; LoRA merged;
   ``mm_projector.safetensors`` too when only the projector trained; its ``COMPLETE`` marker is the one
   record that the stage finished), ``log.jsonl`` (one line per logged step, never repeated after a
-  resume), ``metrics.json``, ``loss.png``, ``data_report.json``, ``stage_config.json``; a progress bar with
+  resume), ``metrics.json``, ``loss.png``, ``data_report.json``, ``stage_config.json`` (``.lock`` while a run
+  holds the folder: a second run into it is refused); a progress bar with
   loss and samples/s; experiment trackers from ``report_to`` (``tracking.py``: TensorBoard event files in
   ``tensorboard/`` by default, W&B, MLflow, trackio) get the config, loss, learning rate and final metrics.
 
@@ -62,7 +67,7 @@ from .conversation import IGNORE_INDEX
 from .data import (Collator, ConversationDataset, DataError, ImageGroupedBatchSampler, LengthGroupedBatchSampler,
                    choose_grouping)
 from . import tracking
-from .fileio import atomic_path, atomic_write_json
+from .fileio import FolderLock, atomic_path, atomic_write_json
 from .model import (PROJECTOR_FILE, LlavaBundle, apply_trainable, load_model, load_projector, parse_trainable,
                     save_folder, save_projector, trainable_summary)
 from .packing import PackedCollator, choose_packing, packed_loss
@@ -127,12 +132,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ the job
     def run(self) -> TrainResult:
-        self._check_previous_run()
-        finished = None if self.restart else self._finished_result()
-        if finished is not None:
-            return finished
-        self.setup()
-        return self.train()
+        """The whole stage; one run at a time per ``output_dir`` (a second is refused: ``FolderLock``)."""
+        main = int(os.environ.get("RANK", "0")) == 0
+        with FolderLock(self.output_dir, "training run") if main else contextlib.nullcontext():
+            self._check_previous_run()
+            finished = None if self.restart else self._finished_result()
+            if finished is not None:
+                return finished
+            self.setup()
+            return self.train()
 
     def setup(self) -> None:
         """model → trainable parts → data → schedule → optimizer → prepare → resume, in that order."""

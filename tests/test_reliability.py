@@ -241,3 +241,40 @@ def test_two_processes_with_ddp_zero2_and_zero3_match_one_process(tmp_path):
 
 def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _torchrun(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "medvlm.cli", "train", str(path)], capture_output=True, text=True, timeout=600,
+                          env=_env())
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_on_two_processes_matches_one_process_and_exports_a_merged_plain_folder(tmp_path):
+    """The shipped LLaVA-1.5 LoRA recipe (curricula/examples/finetune_lora.yaml: r 128, α 256, lr 2e-4,
+    projector_lr 2e-5, gradient checkpointing, ZeRO-3) on the tiny model: 2 processes × 2 = 1 process × 4.
+    Random batches and no dropout, so both runs see the same data and the same arithmetic."""
+    from transformers import LlavaForConditionalGeneration
+
+    from medvlm.model import build_tiny
+
+    data, images = make_colour_set(tmp_path / "data", n=16)
+    recipe = yaml.safe_load((ROOT / "curricula" / "examples" / "finetune_lora.yaml").read_text())["stages"][0]
+    recipe = {k: v for k, v in recipe.items() if k not in ("name", "kind", "data", "batch_size", "deepspeed")}
+    common = {**recipe, "lora": {**recipe["lora"], "dropout": 0.0}, "max_steps": 4, "save_steps": 0,
+              "group_by_length": False}
+    single = _stage_yaml(tmp_path, "single", data, images, **common)
+    assert _train(single).returncode == 0
+    zero3 = _stage_yaml(tmp_path, "zero3", data, images, batch_size=2, deepspeed="zero3", **common)
+    proc = _torchrun(zero3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _losses(tmp_path / "zero3") == pytest.approx(_losses(tmp_path / "single"), abs=2e-3)
+    assert not [k for k in _weights(tmp_path / "zero3") if "lora_" in k or "base_layer" in k or "modules_to" in k]
+    merged, reference = (LlavaForConditionalGeneration.from_pretrained(tmp_path / name / "checkpoint").state_dict()
+                         for name in ("zero3", "single"))
+    untrained = build_tiny().model.state_dict()
+    assert merged.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.allclose(merged[name], value, atol=2e-3), name
+    q_proj = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged[q_proj], untrained[q_proj])   # the adapter was merged in, not dropped

@@ -282,3 +282,12 @@ def test_max_length_above_the_tokenizers_own_limit_does_not_warn(tmp_path, capfd
     trainer.setup()
     assert max(abs(n) for n in trainer.dataset.lengths) > 1024
     assert "longer than the specified maximum" not in capfd.readouterr().err
+
+
+def test_a_second_run_into_an_output_dir_in_use_is_refused(tmp_path, colour_set):
+    from medvlm.fileio import FolderInUse, FolderLock
+
+    data, images = colour_set
+    with FolderLock(tmp_path / "out", "training run"):
+        with pytest.raises(FolderInUse, match="in use by another training run"):
+            Trainer(stage_config(data, images, tmp_path / "out", max_steps=1)).run()
