@@ -5,8 +5,10 @@ defined once, as the Jinja chat template that is saved with checkpoints; trainin
 Jinja, so the prompt a model is trained on, the prompt medvlm evaluates with and the prompt a user gets
 from ``processor.apply_chat_template`` are one text. Labels come from the rendering itself: the text a
 reply adds after the generation prompt (``ASSISTANT:``, ``[/INST]``…) is the target span, and a token is
-a target when the last character it covers lies in a target span. The whole text is tokenized in one
-call, as LLaVA's ``preprocess_*`` do, so ids equal the reference ids (tests/test_templates_golden.py).
+a target when the last character it covers lies in a target span. The text is tokenized as LLaVA's
+``preprocess_*`` do — whole, but for a separate call per piece between images (``tokenizer_image_token``)
+— so ids equal the reference ids for legacy and non-legacy Llama tokenizers alike
+(tests/test_templates_golden.py).
 
 Templates (``TEMPLATES``; the reference each reproduces is in its ``source``):
 - ``vicuna_v1``: LLaVA-1.5 (``--version v1``) and LLaVA-Med v1.5 eval's default: ``SYS USER: q ASSISTANT: a</s>``.
@@ -23,6 +25,7 @@ Templates (``TEMPLATES``; the reference each reproduces is in its ``source``):
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -256,43 +259,35 @@ def encode(
     if add_generation_prompt and turns[-1][0] == "assistant":
         turns = turns[:-1]
     text, spans = render(template, turns, tokenizer, add_generation_prompt, system)
-    ids, labels = tokenize_with_labels(text, spans, tokenizer)
-    if ids.count(image_token_id) != text.count(IMAGE_PLACEHOLDER):
-        raise ConversationError(f"the tokenizer does not turn {IMAGE_PLACEHOLDER!r} into the image token id")
-    return _expand_images(ids, labels, image_token_id, num_image_tokens)
+    return tokenize_with_labels(text, spans, tokenizer, image_token_id, num_image_tokens)
 
 
-def tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: Any) -> tuple[list[int], list[int]]:
-    """Tokenize ``text`` in one call (plus the tokenizer's own BOS); label tokens that end inside a span."""
+def tokenize_with_labels(text: str, spans: list[tuple[int, int]], tokenizer: Any, image_token_id: int,
+                         num_image_tokens: int) -> Encoded:
+    """Tokenize ``text`` as LLaVA's ``tokenizer_image_token`` does: each piece between ``<image>``s in its
+    own call (after the tokenizer's own BOS), ``num_image_tokens`` image ids in between; a token is a
+    target when the last character it covers lies in one of ``spans``."""
     if not getattr(tokenizer, "is_fast", False):
         raise ConversationError(f"{type(tokenizer).__name__}: training needs a fast tokenizer (token offsets)")
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     bos = [] if tokenizer.bos_token and text.startswith(tokenizer.bos_token) else _special_prefix_ids(tokenizer)
     ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
-    span_iter, k = sorted(spans), 0
-    for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
-        last = max(start, end - 1)
-        while k < len(span_iter) and span_iter[k][1] <= last:
-            k += 1
-        target = k < len(span_iter) and span_iter[k][0] <= last < span_iter[k][1] and end > start
-        ids.append(token_id)
-        labels.append(token_id if target else IGNORE_INDEX)
-    return ids, labels
-
-
-def _expand_images(ids: list[int], labels: list[int], image_token_id: int, num_image_tokens: int) -> Encoded:
-    out_ids: list[int] = []
-    out_labels: list[int] = []
-    num_images = 0
-    for token_id, label in zip(ids, labels):
-        if token_id == image_token_id:
-            out_ids.extend([image_token_id] * num_image_tokens)
-            out_labels.extend([IGNORE_INDEX] * num_image_tokens)
-            num_images += 1
-        else:
-            out_ids.append(token_id)
-            out_labels.append(label)
-    return Encoded(input_ids=out_ids, labels=out_labels, num_images=num_images)
+    starts = [a for a, _ in sorted(spans)]
+    ends = [b for _, b in sorted(spans)]
+    offset = 0
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    for i, piece in enumerate(pieces):
+        if i:
+            ids.extend([image_token_id] * num_image_tokens)
+            labels.extend([IGNORE_INDEX] * num_image_tokens)
+        if piece:
+            encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            for token_id, (first, stop) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+                last = offset + max(first, stop - 1)
+                k = bisect.bisect_right(starts, last) - 1
+                ids.append(token_id)
+                labels.append(token_id if stop > first and k >= 0 and last < ends[k] else IGNORE_INDEX)
+        offset += len(piece) + len(IMAGE_PLACEHOLDER)
+    return Encoded(input_ids=ids, labels=labels, num_images=len(pieces) - 1)
 
 
 def _place_image(turns: list[tuple[str, str]], record_id: str, front: bool) -> list[tuple[str, str]]:

@@ -20,17 +20,34 @@ CONVERSATIONS = GOLDEN["conversations"]
 IMAGE = GOLDEN["image_id"]
 
 
-@pytest.fixture(scope="module")
-def mistral_tokenizer(tmp_path_factory):
-    import mistral_common
+def _load(folder, legacy: bool):
     from tokenizers import AddedToken
     from transformers import LlamaTokenizer
 
-    folder = tmp_path_factory.mktemp("mistral_v1")
-    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
-    tokenizer = LlamaTokenizer.from_pretrained(str(folder), legacy=True, add_bos_token=True)  # as Mistral-7B ships it
+    tokenizer = LlamaTokenizer.from_pretrained(str(folder), legacy=legacy, add_bos_token=True)
     tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory):
+    import mistral_common
+
+    folder = tmp_path_factory.mktemp("mistral_v1")
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer(tokenizer_folder):
+    """legacy=True, as Mistral-7B (LLaVA-Med v1.5) and LLaMA-1 (LLaVA-Med v1.0.0) ship it."""
+    return _load(tokenizer_folder, legacy=True)
+
+
+@pytest.fixture(scope="module")
+def non_legacy_tokenizer(tokenizer_folder):
+    """legacy=False, as Vicuna v1.5 (LLaVA-1.5) ships it: no space after a special token."""
+    return _load(tokenizer_folder, legacy=False)
 
 
 def _encode(tokenizer, template, conversation, has_image, generation=False):
@@ -40,8 +57,9 @@ def _encode(tokenizer, template, conversation, has_image, generation=False):
     return swap(enc.input_ids), [IMAGE if i == image_id else i for i in enc.labels]
 
 
-def _cases(template, kind):
-    return [c for c in GOLDEN["cases"] if c["template"] == template and c["kind"] == kind]
+def _cases(template, kind, tokenizer="legacy"):
+    return [c for c in GOLDEN["cases"] if c["template"] == template and c["kind"] == kind
+            and c.get("tokenizer", "legacy") == tokenizer]
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "llava_v1", "mistral_instruct", "plain"])
@@ -105,3 +123,23 @@ def _spans(labels):
         else:
             current.append(label)
     return spans + ([current] if current else [])
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_v1"])
+def test_non_legacy_tokenizer_ids_and_labels_equal_llava_1_5(non_legacy_tokenizer, template):
+    """LLaVA-1.5 trained on Vicuna v1.5's non-legacy tokenizer: no space piece after ``</s>``, but one
+    after the image (``tokenizer_image_token`` tokenizes each piece in its own call)."""
+    cases = _cases(template, "train", "non_legacy")
+    assert cases
+    for case in cases:
+        conv = CONVERSATIONS[case["conversation"]]
+        ids, labels = _encode(non_legacy_tokenizer, template, conv["turns"], conv["has_image"])
+        assert ids == case["input_ids"], case["conversation"]
+        assert labels == case["labels"], case["conversation"]
+    prompts = _cases("vicuna_v1", "prompt", "non_legacy")
+    for case in prompts:
+        conv = CONVERSATIONS[case["conversation"]]
+        question = conv["turns"][0]["value"].replace("<image>", "").strip()
+        messages = prompt_messages(question, conv["has_image"])
+        assert _encode(non_legacy_tokenizer, "vicuna_v1", messages, conv["has_image"], generation=True)[0] == \
+            case["input_ids"]

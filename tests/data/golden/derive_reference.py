@@ -5,8 +5,10 @@ llava/mm_utils.py, llava/conversation.py) and LLaVA-Med's (microsoft/LLaVA-Med v
 llava/train/train.py and llava/eval/model_vqa_med.py) prompt building and label masking. It imports
 nothing from medvlm, so the golden data does not depend on the code it checks. The tokenizer is the
 SentencePiece model Mistral-7B ships (``mistral_common/data/tokenizer.model.v1``) with the semantics of
-the slow ``LlamaTokenizer(legacy=True)`` those repositories used: BOS, then every piece of text between
-special tokens (``</s>``) encoded by SentencePiece with its dummy-prefix space.
+the slow ``LlamaTokenizer`` those repositories used: ``legacy=True`` (every piece of text between special
+tokens encoded with SentencePiece's dummy-prefix space; Mistral's and LLaMA-1's tokenizers) and, for the
+``non_legacy`` cases, ``legacy=False`` (a space only at the start of a call; Vicuna v1.5's, hence
+LLaVA-1.5's), with preprocess_v1's ``not tokenizer.legacy`` length correction.
 
     .venv/bin/python tests/data/golden/derive_reference.py   # rewrites tests/data/golden/templates.json
 """
@@ -19,11 +21,17 @@ from pathlib import Path
 
 import mistral_common
 import sentencepiece
+from sentencepiece import sentencepiece_model_pb2
 
 IGNORE, IMAGE = -100, -200  # LLaVA's IGNORE_INDEX and IMAGE_TOKEN_INDEX
 SP = sentencepiece.SentencePieceProcessor(
     model_file=str(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"))
 BOS, EOS = SP.bos_id(), SP.eos_id()
+_PROTO = sentencepiece_model_pb2.ModelProto()
+_PROTO.ParseFromString(SP.serialized_model_proto())
+_PROTO.normalizer_spec.add_dummy_prefix = False          # what LlamaTokenizer(legacy=False) loads
+SP_NO_PREFIX = sentencepiece.SentencePieceProcessor(model_proto=_PROTO.SerializeToString())
+LEGACY = True                                             # switched by main() for the non_legacy cases
 CURIOUS_HUMAN = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 CURIOUS_USER = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -44,10 +52,21 @@ CONVERSATIONS = {
 
 
 def tok(text: str) -> list[int]:
-    """``tokenizer(text).input_ids`` of a legacy slow Llama tokenizer."""
+    """``tokenizer(text).input_ids`` of a slow Llama tokenizer (legacy or not, per ``LEGACY``)."""
     ids = [BOS]
-    for piece in re.split(r"(</s>)", text):
-        ids += [EOS] if piece == "</s>" else (SP.encode(piece) if piece else [])
+    pieces = re.split(r"(</s>)", text if LEGACY else "\u2581" + text)
+    if not LEGACY and pieces[0] == "\u2581" and len(pieces) > 1:
+        pieces = pieces[1:]                     # a call that starts with a special token loses the lone space
+    for piece in pieces:
+        if piece == "</s>":
+            ids.append(EOS)
+        elif piece and LEGACY:
+            ids += SP.encode(piece)
+        elif piece and piece.startswith("\u2581"):   # the unk trick of LlamaTokenizer._tokenize
+            unk = len(SP_NO_PREFIX.encode("<unk>"))
+            ids += SP_NO_PREFIX.encode("<unk>" + piece)[unk:]
+        elif piece:
+            ids += SP_NO_PREFIX.encode(piece)
     return ids
 
 
@@ -102,7 +121,7 @@ def mask_rounds(conversation, ids, has_image, sep, sep2="</s>"):
     target = list(ids)
     cur = 1
     target[:cur] = [IGNORE] * cur
-    for rou in conversation.split(sep2):
+    for i, rou in enumerate(conversation.split(sep2)):
         if rou == "":
             break
         parts = rou.split(sep)
@@ -111,6 +130,9 @@ def mask_rounds(conversation, ids, has_image, sep, sep2="</s>"):
         parts[0] += sep
         round_len = len(tokenize(rou, has_image))
         instruction_len = len(tokenize(parts[0], has_image)) - 2
+        if i != 0 and not LEGACY and sep2 == "</s>" and sep == " ASSISTANT: ":   # preprocess_v1 only
+            round_len -= 1
+            instruction_len -= 1
         target[cur:cur + instruction_len] = [IGNORE] * instruction_len
         cur += round_len
     target[cur:] = [IGNORE] * (len(target) - cur)
@@ -192,6 +214,18 @@ def main() -> None:
         for template, text in prompts.items():
             golden["cases"].append({"template": template, "conversation": name, "kind": "prompt", "text": text,
                                     "input_ids": tokenize(text, has_image)})
+    global LEGACY
+    LEGACY = False
+    for name, (conv, has_image) in CONVERSATIONS.items():
+        for template, system in (("vicuna_v1", CURIOUS_USER), ("llava_v1", CURIOUS_HUMAN)):
+            ids, labels = preprocess_v1(system, conv, has_image)
+            golden["cases"].append({"template": template, "conversation": name, "kind": "train",
+                                    "tokenizer": "non_legacy", "input_ids": ids, "labels": labels})
+        first = image_to_front(conv[:1]) if has_image else conv[:1]
+        text = two_sep_prompt(CURIOUS_USER, first, generation=True)
+        golden["cases"].append({"template": "vicuna_v1", "conversation": name, "kind": "prompt",
+                                "tokenizer": "non_legacy", "text": text, "input_ids": tokenize(text, has_image)})
+    LEGACY = True
     out = Path(__file__).with_name("templates.json")
     out.write_text(json.dumps(golden, indent=1) + "\n")
     print(f"wrote {out}: {len(golden['cases'])} cases")
