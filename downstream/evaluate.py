@@ -23,8 +23,7 @@ import torch
 
 from .datasets import VQARecord
 from .metrics import SUITES, Item, evaluate_items, format_table, paired_difference
-from .protocols import (LLAVA_MED_OPTION_SUFFIX as OPTION_SUFFIX, EvalSettings, clean_answer, format_question,
-                        generation_arguments)
+from .protocols import EvalSettings, clean_answer, format_question, generation_arguments
 GROUP_KEYS = ("question_type", "image_organ", "content_type", "modality", "location", "organ")
 
 
