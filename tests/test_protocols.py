@@ -198,3 +198,6 @@ def test_cli_eval_and_finetune_take_a_protocol(tmp_path, monkeypatch):
                  "--protocol", "llava_med_v1"]) == 0
     settings = seen["settings"]
     assert (settings.protocol, settings.tokens, settings.option_suffix) == ("llava_med_v1", 1024, None)
+    assert main(["eval", "--model", "m", "--dataset", "vqa-rad", "--root", str(root), "--out", str(tmp_path / "e"),
+                 "--protocol", "llava_med_v1", "--no-option-suffix"]) == 0
+    assert format_question(seen["settings"].spec, "Is it CT?", "closed", seen["settings"].option_suffix) == "Is it CT?"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -31,8 +32,9 @@ def register(sub) -> None:
                           help="prompt layout, decoding and token limit of a reference evaluation (README)")
     evaluate.add_argument("--max-new-tokens", type=int, help="default: the protocol's (medvlm: 256)")
     evaluate.add_argument("--closed-mode", choices=["generate", "likelihood"], default="generate")
-    evaluate.add_argument("--option-suffix", action="store_true", default=None,
-                          help="add LLaVA-Med's yes/no option suffix to closed questions (default: the protocol's)")
+    evaluate.add_argument("--option-suffix", action=argparse.BooleanOptionalAction, default=None,
+                          help="add (or with --no-option-suffix leave off) LLaVA-Med's yes/no option suffix on "
+                               "closed questions (default: the protocol's)")
     evaluate.add_argument("--feature-cache", help="folder to keep vision features in across evaluations")
     add_device(evaluate)
     evaluate.add_argument("--candidates", help="LLaVA-Med candidate file {\"0\": [...]} for open accuracy")
