@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, read_json
 from .model import METADATA_FILE
 
 logger = logging.getLogger(__name__)
@@ -132,23 +132,15 @@ def write_card(folder: str | os.PathLike) -> Path:
 
 
 def _read_meta(folder) -> dict:
-    path = Path(folder) / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(Path(folder) / METADATA_FILE, {})
 
 
 def _save(folder, meta: dict) -> Path:
+    """Render first, then write the facts and the card (each atomically)."""
     folder = Path(folder)
-    _atomic_write(folder / METADATA_FILE, json.dumps(meta, indent=2))
-    card = render_card(meta, _read_json(folder / "config.json"))
-    return _atomic_write(folder / CARD_FILE, str(card))
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    return atomic_write_text(path, text if text.endswith("\n") else text + "\n")
+    card = str(render_card(meta, read_json(folder / "config.json", {})))
+    atomic_write_json(folder / METADATA_FILE, meta)
+    return atomic_write_text(folder / CARD_FILE, card)
 
 
 # ------------------------------------------------------------------------------------ rendering
