@@ -226,8 +226,13 @@ def render(
 
 
 def _render(tokenizer, jinja: str, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    """What ``tokenizer.apply_chat_template(messages, tokenize=False)`` renders, through the same
+    transformers function and variables, without its per-call overhead (this runs per turn per record)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template([messages], chat_template=jinja, add_generation_prompt=add_generation_prompt,
+                                        **tokenizer.special_tokens_map)
+    return rendered[0]
 
 
 def _check_prefix(text: str, prefix: str, template: str) -> None:
