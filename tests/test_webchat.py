@@ -31,6 +31,16 @@ def server(tmp_path_factory):
     app.close()
 
 
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def _text(message: dict) -> str:
     content = message["content"]
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
@@ -114,3 +124,40 @@ def test_chat_without_a_question_or_web_is_a_usage_error(server, capsys):
 
     assert main(["chat", "--model", str(server["checkpoint"])]) == 2
     assert "--web" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a second server process: its start-up (imports, model load) takes most of a minute on 2 cores
+def test_medvlm_chat_web_serves_the_app_until_stopped(server, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gradio_client import Client, handle_file
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "medvlm"), "chat", "--model", str(server["checkpoint"]), "--web",
+               "--port", str(port), "--max-new-tokens", "8"]
+    log = tmp_path / "web.log"
+    with open(log, "w") as out:
+        app = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not _answers(f"http://127.0.0.1:{port}/"):
+            assert app.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        history, _ = client.predict(handle_file(str(CT)), "What does the image show?", [], 8, 0.0, 1.0, api_name="/ask")
+        expected = generate_answers(server["bundle"], ["What does the image show?"], [CT], max_new_tokens=8)[0]
+        assert _same_text(_text(history[1]), expected)
+    finally:
+        os.killpg(app.pid, signal.SIGINT)
+        try:
+            app.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(app.pid, signal.SIGKILL)
+            app.wait()
