@@ -124,6 +124,7 @@ def _run(launcher: list[str], script: Path, *args) -> subprocess.CompletedProces
     return proc
 
 
+@pytest.mark.slow   # three interpreter starts
 @pytest.mark.parametrize("mode", ["generate", "likelihood"])
 def test_two_processes_answer_their_share_of_images_and_rank_0_scores_the_same_as_one(tmp_path, mode):
     root = tmp_path / "vqa"
