@@ -165,3 +165,11 @@ def strip_peft_prefix(state_dict: dict | None) -> dict | None:
         return None
     prefix = "base_model.model."
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def projector_weights(state_dict: dict | None) -> dict | None:
+    """The projector's tensors (``linear_1.weight``, ...) from a consolidated plain state dict."""
+    if state_dict is None:
+        return None
+    marker = "multi_modal_projector."
+    return {k.split(marker, 1)[1]: v.contiguous() for k, v in state_dict.items() if marker in k}

@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (ResumeCheckpoints, atomic_folder, final_checkpoint, merge_lora_gathered,
-                         strip_peft_prefix, trim_log)
+                         projector_weights, strip_peft_prefix, trim_log)
 from .config import ConfigError, StageConfig, config_changes, config_hash, resume_safe, to_dict
 from .conversation import IGNORE_INDEX
 from .data import (Collator, ConversationDataset, DataError, ImageGroupedBatchSampler, LengthGroupedBatchSampler,
@@ -586,6 +586,8 @@ class Trainer:
 
     def _export(self, metrics: dict) -> Path:
         """The HF folder, with its model card (``modelcard.py``: this stage appended to the lineage)."""
+        from safetensors.torch import save_file
+
         from .modelcard import add_stage, stage_record
 
         acc, cfg = self.accelerator, self.config
@@ -603,7 +605,9 @@ class Trainer:
         def write(tmp: Path) -> None:
             if not self.is_main:
                 return
-            if save_proj:
+            if save_proj and state_dict is not None:  # ZeRO-3: the modules hold partitions; the state dict is whole
+                save_file(projector_weights(state_dict), str(tmp / PROJECTOR_FILE))
+            elif save_proj:
                 save_projector(unwrapped, tmp / PROJECTOR_FILE)
             save_folder(self.bundle, tmp, state_dict=state_dict, extra_metadata=metadata)
             add_stage(tmp, stage_record(cfg, metrics))

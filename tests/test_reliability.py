@@ -217,7 +217,7 @@ def test_two_processes_with_ddp_zero2_and_zero3_match_one_process(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     data, images = make_colour_set(tmp_path / "data", n=16)
-    common = {"epochs": 1, "max_steps": 4, "save_steps": 0, "group_by_length": False}
+    common = {"epochs": 1, "max_steps": 4, "save_steps": 0, "group_by_length": False, "save_projector": True}
     single = _stage_yaml(tmp_path, "single", data, images, **common)
     assert _train(single).returncode == 0
     curves = {"single": _losses(tmp_path / "single")}
@@ -232,6 +232,13 @@ def test_two_processes_with_ddp_zero2_and_zero3_match_one_process(tmp_path):
     assert len(curves["single"]) == 4
     for name in ("ddp", "zero2", "zero3"):
         assert curves[name] == pytest.approx(curves["single"], abs=2e-3), (name, curves)
+    from safetensors.torch import load_file
+
+    projectors = [load_file(str(tmp_path / name / "checkpoint" / "mm_projector.safetensors")) for name in ("single", "zero3")]
+    assert projectors[0].keys() == projectors[1].keys() == {"linear_1.weight", "linear_1.bias", "linear_2.weight",
+                                                            "linear_2.bias"}
+    for key, value in projectors[0].items():                  # ZeRO-3's projector file: whole, not a partition
+        assert torch.allclose(projectors[1][key], value, atol=2e-3), key
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "zero3" / "checkpoint")  # consolidated
     single_weights = _weights(tmp_path / "single")
     for name, param in model.state_dict().items():
