@@ -164,8 +164,9 @@ def judge_options(**settings):
 
 
 def run_judge(questions: list[ChatQuestion], answers: dict[str, str], out_dir: str | Path, options,
-              references: dict[str, str] | None = None, progress: bool = True) -> dict:
-    """Judge ``answers`` against the references; writes scores.jsonl, metrics.json, report.md."""
+              references: dict[str, str] | None = None, progress: bool = True, answered_with: dict | None = None) -> dict:
+    """Judge ``answers`` against the references; writes scores.jsonl, metrics.json, report.md.
+    ``answered_with`` (what produced the answers: ``medvlm.device.describe`` of the model) goes into metrics.json."""
     from pmc_ingest.chat_client import Budget, ClientError, Request, ResponseCache, SendStats, load_price, send_all
     from pmc_ingest.instruct import request_key
 
@@ -197,6 +198,8 @@ def run_judge(questions: list[ChatQuestion], answers: dict[str, str], out_dir: s
                      "scores": parse_scores(reply) if reply is not None else None})
     result = {"judge_model": options.model, "summary": summarize(rows), "unanswered_by_judge": stats.not_attempted
               + sum(r["judge_reply"] is None for r in rows), "failures": dict(stats.failures)}
+    if answered_with:
+        result["answered_with"] = answered_with
     _write(out_dir, rows, result)
     return result
 

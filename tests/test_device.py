@@ -182,3 +182,18 @@ def test_chat_and_eval_take_device_and_a_missing_gpu_is_a_one_line_error(tmp_pat
                  "--out", str(tmp_path / "out"), "--device", "cuda"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--device cuda: no CUDA GPU is visible" in err
+
+
+def test_a_judged_evaluation_records_what_answered(tmp_path, monkeypatch):
+    from medvlm.cli.app import main
+    from medvlm.model import build_tiny, save_folder
+    from tests.test_judge import JudgeServer, _qa50
+
+    save_folder(build_tiny(), tmp_path / "model")
+    monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
+    with JudgeServer() as server:
+        assert main(["eval", "judge", "--questions", str(_qa50(tmp_path)), "--images", str(tmp_path), "--model",
+                     str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--device", "cpu",
+                     "--max-new-tokens", "2", "--base-url", server.base_url]) == 0
+    answered = json.loads((tmp_path / "out" / "metrics.json").read_text())["answered_with"]
+    assert answered == {"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa", "protocol": "medvlm"}

@@ -103,19 +103,21 @@ def run_judge_command(args) -> int:
     from downstream.protocols import EvalSettings
 
     questions = jd.read_questions(args.questions)
+    answered_with = None
     if args.answers:
         answers = jd.read_answers(args.answers)
     else:
-        from medvlm.device import load_for_inference
+        from medvlm.device import describe, load_for_inference
 
         settings = EvalSettings(protocol=args.protocol, max_new_tokens=args.max_new_tokens)
-        answers = jd.answer_questions(load_for_inference(args.model, device=args.device), questions, args.images,
-                                      args.out, settings)
+        bundle = load_for_inference(args.model, device=args.device)
+        answers = jd.answer_questions(bundle, questions, args.images, args.out, settings)
+        answered_with = {**describe(bundle.model), "protocol": args.protocol}
     references = jd.read_answers(args.reference) if args.reference else None
     options = jd.judge_options(model=args.judge_model, base_url=args.base_url, api_key_env=args.api_key_env,
                                max_concurrency=args.max_concurrency, budget_usd=args.budget_usd,
                                max_tokens_total=args.max_tokens_total)
-    result = jd.run_judge(questions, answers, args.out, options, references)
+    result = jd.run_judge(questions, answers, args.out, options, references, answered_with=answered_with)
     print(jd.format_report(result), end="")
     print(f"scores: {Path(args.out) / 'scores.jsonl'}\nmetrics: {Path(args.out) / 'metrics.json'}")
     return 0
