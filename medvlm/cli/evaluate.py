@@ -139,7 +139,7 @@ def run_eval(args) -> int:
     from downstream.datasets import load_vqa
     from downstream.metrics import format_table, read_candidates
     from downstream.protocols import EvalSettings
-    from medvlm.device import load_for_inference
+    from medvlm.device import data_parallel, load_for_inference
 
     suites = _suites(args)
     records, report = load_vqa(args.dataset, args.root, args.split, args.lang)
@@ -151,6 +151,8 @@ def run_eval(args) -> int:
     result = ev.evaluate_model(load_for_inference(args.model, device=args.device), records, out, settings,
                                candidates=candidates,
                                feature_cache_dir=args.feature_cache)
+    if data_parallel()[0] != 0:  # under a launcher rank 0 reports; every rank returns the same result
+        return 0
     print(format_table(result, suites))
     if report.skipped:
         print(f"skipped: {dict(report.skipped)}")
