@@ -53,6 +53,8 @@ def check_packable(model) -> None:
 
 
 def _text_config(model):
+    while hasattr(model, "module"):    # DDP / DeepSpeed engine wrappers (their own `config` is not the model's)
+        model = model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.config.text_config
 

@@ -158,6 +158,26 @@ def test_a_segment_sees_the_prefix_and_itself_causally():
             assert bool(mask[q, k]) == visible, (q, k)
 
 
+class _Engine(torch.nn.Module):
+    """What DDP and DeepSpeed hand the loss: the model as ``.module``, and (DeepSpeed) a ``config`` dict."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module, self.config = model, {"zero_optimization": {"stage": 3}}
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_packed_loss_runs_through_a_distributed_wrapper(vqa_items):
+    bundle = build_tiny()
+    _, items = vqa_items(bundle)
+    batch = PackedCollator(bundle.tokenizer.pad_token_id, bundle.image_token_id)(items)
+    with torch.no_grad():
+        wrapped = packed_loss(_Engine(bundle.model), batch, _pixel_inputs(batch))
+        assert float(wrapped) == float(packed_loss(bundle.model, batch, _pixel_inputs(batch)))
+
+
 def test_flash_attention_is_refused_with_a_clear_message():
     bundle = build_tiny()
     bundle.model.config.text_config._attn_implementation = "flash_attention_2"
@@ -233,3 +253,19 @@ def test_a_packed_stage_trains_on_the_same_loss_as_unpacked(tmp_path):
         results[packed] = Trainer(config).run()
     assert abs(_first_loss(tmp_path / "out-True") - _first_loss(tmp_path / "out-False")) < 1e-5
     assert results[True].metrics["samples_seen"] == results[False].metrics["samples_seen"] == 11
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_packed_stage_under_deepspeed_trains_on_the_loss_of_the_unpacked_one(tmp_path, zero):
+    """DeepSpeed in its own process (one rank; ZeRO-3 partitions the weights and turns the feature cache off,
+    so the packed rows take the pixel path)."""
+    from tests.test_reliability import _losses, _stage_yaml, _train
+
+    data, images = make_vqa_set(tmp_path / "data")
+    common = {"max_steps": 2, "batch_size": 16, "warmup_ratio": 0.0, "save_steps": 0}
+    for name, extra in (("plain", {"pack_by_image": False}), (zero, {"pack_by_image": True, "deepspeed": zero})):
+        proc = _train(_stage_yaml(tmp_path, name, data, images, **common, **extra), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "image-grouped, packed batches" in proc.stdout
+    assert _losses(tmp_path / zero) == pytest.approx(_losses(tmp_path / "plain"), abs=1e-4)
