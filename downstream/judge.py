@@ -4,7 +4,11 @@ The model answers each question of a LLaVA-Med ``llava_med_eval_qa50_qa.jsonl``-
 answer file is read); a judge model on any OpenAI-compatible endpoint sees the figure's caption (and its
 in-text mentions), the question, the reference answer (``gpt4_answer``: GPT-4 text-only from the caption,
 as the papers, or ``--reference FILE``) as Assistant 1 and the model's answer as Assistant 2, and scores
-both 1–10 on its first line — LLaVA-Med's ``eval_multimodal_chat_gpt_score.py`` prompt. Requests go
+both 1–10 on its first line. The instruction (``load_rubric``) is LLaVA-Bench's rule by default (LLaVA is
+Apache-2.0, so it ships here); ``llava_med`` is LLaVA-Med's ``eval_multimodal_chat_gpt_score.py`` prompt,
+which LLaVA-Med's licence (Microsoft Research License Terms) does not let medvlm ship, so it is read from
+the user's own checkout (``pmc_ingest.reference_text``) — use it to compare with LLaVA-Med's numbers; or
+the user's own rubric file. Requests go
 through ``pmc_ingest.chat_client`` (cache before done, retries, budget), so an interrupted judging run
 resumes without paying twice.
 
@@ -32,18 +36,25 @@ import numpy as np
 from .metrics import ScoreInputError
 
 DOMAINS = ("chest_xray", "mri", "histology", "gross", "ct_scan")
+RUBRICS = ("llava_bench", "llava_med")
+# LLaVA-Bench's judge rule and system message, word for word from haotian-liu/LLaVA (llava/eval/table/rule.json,
+# "llava_bench_conv" — "llava_bench_detail" and "llava_bench_complex" are the same text — and
+# llava/eval/eval_gpt_review_bench.py), copyright the LLaVA authors, used under the Apache License, Version
+# 2.0 (https://www.apache.org/licenses/LICENSE-2.0); LLaVA ships no NOTICE file. medvlm changed nothing.
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
-# LLaVA-Med's rubric (eval_multimodal_chat_gpt_score.py), kept word for word so that scores compare.
-JUDGE_RUBRIC = (
-    "We would like to request your feedback on the performance of two AI assistants in response to the user "
-    "question displayed above. The user asks the question on observing an image. For your reference, the visual "
-    "content in the image is represented with caption describing the same image.\n"
-    "  Please rate the helpfulness, relevance, accuracy, level of details of their responses. Each assistant "
-    "receives an overall score on a scale of 1 to 10, where a higher score indicates better overall performance.\n"
-    "  Please first output a single line containing only two values indicating the scores for Assistant 1 and 2, "
-    "respectively. The two scores are separated by a space. In the subsequent line, please provide a comprehensive "
-    "explanation of your evaluation, avoiding any potential bias and ensuring that the order in which the responses "
-    "were presented does not affect your judgment."
+LLAVA_BENCH_RULE = (
+    "We would like to request your feedback on the performance of two AI assistants in response to the "
+    "user question displayed above. The user asks the question on observing an image. For your "
+    "reference, the visual content in the image is represented with a few sentences describing the "
+    "image. \n"
+    "Please rate the helpfulness, relevance, accuracy, level of details of their responses. Each "
+    "assistant receives an overall score on a scale of 1 to 10, where a higher score indicates better "
+    "overall performance.\n"
+    "Please first output a single line containing only two values indicating the scores for Assistant 1 "
+    "and 2, respectively. The two scores are separated by a space.\n"
+    "In the subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any "
+    "potential bias and ensuring that the order in which the responses were presented does not affect "
+    "your judgment."
 )
 
 
@@ -104,15 +115,47 @@ def read_answers(path: str | Path) -> dict[str, str]:
     return answers
 
 
-def judge_messages(item: ChatQuestion, reference: str, answer: str) -> list[dict]:
+@dataclass(frozen=True)
+class Rubric:
+    """What the judge is told: ``name`` (recorded in metrics.json), its system message, and the instruction
+    after ``[System]`` in the user message."""
+    name: str
+    system: str
+    instruction: str
+
+
+LLAVA_BENCH = Rubric("llava_bench", JUDGE_SYSTEM, LLAVA_BENCH_RULE)
+
+
+def load_rubric(name: str = "llava_bench", file: str | Path | None = None,
+                llava_med_repo: str | Path | None = None) -> Rubric:
+    """``llava_bench`` (shipped, Apache-2.0), ``llava_med`` (LLaVA-Med's ``eval_multimodal_chat_gpt_score.py``
+    system message and rubric, read from the user's checkout: its licence does not let medvlm ship them) or
+    the instruction in ``file`` (with LLaVA-Bench's system message)."""
+    from pmc_ingest import reference_text
+
+    if file is not None:
+        text = Path(file).read_text(encoding="utf-8").strip()
+        if not text:
+            raise JudgeError(f"{file}: the rubric file is empty; write the judge's instruction in it")
+        return Rubric(f"file:{Path(file).name}", JUDGE_SYSTEM, text)
+    if name == "llava_med":
+        system, instruction = reference_text.llava_med_judge_prompt(llava_med_repo)
+        return Rubric("llava_med", system, instruction)
+    if name != "llava_bench":
+        raise ValueError(f"unknown rubric {name!r}; choose one of {', '.join(RUBRICS)} or give --rubric-file")
+    return LLAVA_BENCH
+
+
+def judge_messages(item: ChatQuestion, reference: str, answer: str, rubric: Rubric = LLAVA_BENCH) -> list[dict]:
     context = "\n\t- ".join(item.mentions)
     label = f"{item.label}: " if item.label else ""
     user = (f"[Context]\nFigure Caption:\n{label}{item.caption}\n\nFigure Context:\n\t- {context}\n\n"
             f"[Question]\n{item.question}\n\n"
             f"[Assistant 1]\n{reference}\n\n[End of Assistant 1]\n\n"
             f"[Assistant 2]\n{answer}\n\n[End of Assistant 2]\n\n"
-            f"[System]\n{JUDGE_RUBRIC}\n\n")
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+            f"[System]\n{rubric.instruction}\n\n")
+    return [{"role": "system", "content": rubric.system}, {"role": "user", "content": user}]
 
 
 def parse_scores(text: str) -> tuple[float, float] | None:
@@ -164,8 +207,9 @@ def judge_options(**settings):
 
 
 def run_judge(questions: list[ChatQuestion], answers: dict[str, str], out_dir: str | Path, options,
-              references: dict[str, str] | None = None, progress: bool = True, answered_with: dict | None = None) -> dict:
-    """Judge ``answers`` against the references; writes scores.jsonl, metrics.json, report.md.
+              references: dict[str, str] | None = None, progress: bool = True, answered_with: dict | None = None,
+              rubric: Rubric = LLAVA_BENCH) -> dict:
+    """Judge ``answers`` against the references with ``rubric``; writes scores.jsonl, metrics.json, report.md.
     ``answered_with`` (what produced the answers: ``medvlm.device.describe`` of the model) goes into metrics.json."""
     from pmc_ingest.chat_client import Budget, ClientError, Request, ResponseCache, SendStats, load_price, send_all
     from pmc_ingest.instruct import request_key
@@ -181,7 +225,7 @@ def run_judge(questions: list[ChatQuestion], answers: dict[str, str], out_dir: s
         if reference is None or item.id not in answers:
             raise JudgeError(f"question {item.id}: no {'reference answer' if reference is None else 'model answer'}; "
                              "give --reference FILE or a question file with gpt4_answer, and answer every question")
-        messages = judge_messages(item, reference, answers[item.id])
+        messages = judge_messages(item, reference, answers[item.id], rubric)
         params = {"temperature": options.temperature, "max_tokens": options.max_tokens}
         jobs.append((item, reference, messages, request_key(options.model, messages, item.id, params)))
     cache = ResponseCache(out_dir / "judge_cache.jsonl")
@@ -196,7 +240,8 @@ def run_judge(questions: list[ChatQuestion], answers: dict[str, str], out_dir: s
         rows.append({"question_id": item.id, "type": item.type, "domain": item.domain, "question": item.question,
                      "reference": reference, "answer": answers[item.id], "judge_reply": reply,
                      "scores": parse_scores(reply) if reply is not None else None})
-    result = {"judge_model": options.model, "summary": summarize(rows), "unanswered_by_judge": stats.not_attempted
+    result = {"judge_model": options.model, "rubric": rubric.name, "summary": summarize(rows),
+              "unanswered_by_judge": stats.not_attempted
               + sum(r["judge_reply"] is None for r in rows), "failures": dict(stats.failures)}
     if answered_with:
         result["answered_with"] = answered_with

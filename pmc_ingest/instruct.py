@@ -68,6 +68,7 @@ class InstructOptions:
     backoff_max: float = 60.0
     max_consecutive_failures: int = 50
     preset: str = "medvlm"          # prompt and record recipe (instruct_presets.py): medvlm | llava_med
+    llava_med_repo: str | None = None   # --preset llava_med: your LLaVA-Med checkout (reference_text.py)
 
 
 @dataclass
@@ -214,13 +215,12 @@ def select_pairs(pairs_dir: str | Path, options: InstructOptions) -> list[dict]:
     return rows
 
 
-def _requests(pairs: list[dict], options: InstructOptions) -> list[tuple[dict, list[dict], str]]:
+def _requests(pairs_dir: str | Path, options: InstructOptions) -> list[tuple[dict, list[dict], str]]:
     from .instruct_presets import get_preset
 
     preset = get_preset(options.preset)
-    system = Path(options.system_file or preset.system_file).read_text(encoding="utf-8")
-    system = system.strip() if preset.name == "medvlm" else system   # LLaVA-Med's prompt is sent as written
-    fewshot = read_fewshot(options.fewshot_file or preset.fewshot_file)
+    system, fewshot = preset.prompt(options)   # before the pairs load: a missing prompt fails fast
+    pairs = select_pairs(pairs_dir, options)
     params = {"temperature": options.temperature, "max_tokens": options.max_tokens}
     out = []
     for pair in pairs:
@@ -232,7 +232,7 @@ def _requests(pairs: list[dict], options: InstructOptions) -> list[tuple[dict, l
 def dry_run(pairs_dir: str | Path, out_file: str | Path, options: InstructOptions) -> dict:
     """Write the prompts that would be sent (JSONL), their token estimate and, where the model has a price,
     the dollar estimate (prompts only, and the worst case with ``max_tokens`` replies); no network."""
-    requests = _requests(select_pairs(pairs_dir, options), options)
+    requests = _requests(pairs_dir, options)
     out_file = Path(out_file)
     total = 0
     with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as fh:
@@ -261,7 +261,7 @@ def generate_instructions(pairs_dir: str | Path, out_dir: str | Path, options: I
                             "e.g. OPENAI_API_KEY=EMPTY), or choose the variable with --api-key-env")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    requests = _requests(select_pairs(pairs_dir, options), options)
+    requests = _requests(pairs_dir, options)
     cache = ResponseCache(out_dir / "cache.jsonl")
     summary = InstructSummary(pairs=len(requests), corrupt_cache_lines=cache.corrupt_lines)
     budget = Budget(options.budget_usd, options.max_tokens_total,
@@ -306,7 +306,7 @@ def _write_output(requests, cache: ResponseCache, options: InstructOptions, summ
         usage = entry.get("usage") or {}
         summary.total_prompt_tokens += usage.get("prompt_tokens", 0)
         summary.total_completion_tokens += usage.get("completion_tokens", 0)
-        record, reason = preset.to_record(pair, entry.get("text", ""), options.quote_words, options.seed)
+        record, reason = preset.to_record(pair, entry.get("text", ""), options)
         if entry.get("refusal"):
             record, reason = None, "refusal"
         if reason:

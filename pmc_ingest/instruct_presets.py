@@ -5,15 +5,17 @@ with and how a reply becomes a training record.
   ``instruct.validate_reply`` (refusals, malformed turns and answers that quote the caption for
   ``quote_words`` words reject the whole reply); the image after the first question.
 - ``llava_med``: LLaVA-Med v1.0.0's recipe (``llava/instruct/instruct_generate.py`` and
-  ``instruct_postprocess.py``): its system prompt and eight few-shot examples (``prompts/llava_med_*``),
-  the context ``Figure Caption:\\n{label}: {caption}`` with mentions as ``\\t- `` bullets, the reply split
-  at ``User:``/``Assistant:``, turn-level cleaning (a turn whose reply admits not seeing the image is
-  dropped; stock openings such as "Based on the caption, " are cut and the rest capitalised as LLaVA-Med
-  does; a reply still naming the "caption" or "description" is dropped; ``prompts/llava_med_cleaning.json``
-  holds the phrase lists), ``<image>`` before or after the first question at random (seeded per pair),
-  records with ``pair_id``-style ids and LLaVA-Med's ``domain`` flags. One deliberate difference: the image
-  is placed after cleaning, so a record whose first turn was dropped still has its ``<image>`` (LLaVA-Med
-  placed it first and could lose it).
+  ``instruct_postprocess.py``). Its system prompt, eight few-shot examples and cleaning phrase lists are
+  LLaVA-Med's text, which its licence (Microsoft Research License Terms) does not let medvlm distribute, so
+  they are read from the user's own checkout (``InstructOptions.llava_med_repo`` / ``--llava-med-repo DIR`` /
+  ``$MEDVLM_LLAVA_MED_REPO``; ``reference_text.py`` parses the files, never runs them). The rest is medvlm's
+  code: the context ``Figure Caption:\\n{label}: {caption}`` with mentions as ``\\t- `` bullets, the reply
+  split at ``User:``/``Assistant:``, turn-level cleaning (a turn whose reply admits not seeing the image is
+  dropped; stock openings that cite the caption are cut and the rest capitalised as LLaVA-Med does; a
+  reply still naming the caption or description is dropped), ``<image>`` before or after the
+  first question at random (seeded per pair), records with ``pair_id``-style ids and LLaVA-Med's ``domain``
+  flags. One deliberate difference: the image is placed after cleaning, so a record whose first turn was
+  dropped still has its ``<image>`` (LLaVA-Med placed it first and could lose it).
 
 Why ``medvlm`` stays the default: it rejects answers that copy the caption (LLaVA-Med's recipe keeps them,
 and a model trained on them learns to recite captions rather than look), keeps each reply as the model
@@ -22,11 +24,15 @@ wrote it (``capitalize()`` lower-cases "CT" to "ct"), and never emits a record w
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+from . import reference_text
+
+if TYPE_CHECKING:
+    from .instruct import InstructOptions
 
 PROMPTS = Path(__file__).parent / "prompts"
 LLAVA_MED_DOMAINS = {"X-ray": "chest_xray", "MRI": "mri", "CT": "ct_scan", "histopathology": "histology",
@@ -36,11 +42,11 @@ LLAVA_MED_DOMAINS = {"X-ray": "chest_xray", "MRI": "mri", "CT": "ct_scan", "hist
 @dataclass(frozen=True)
 class Preset:
     name: str
-    system_file: Path
-    fewshot_file: Path
+    # options → (system prompt, few-shot examples); --system-prompt / --fewshot replace either
+    prompt: Callable[[InstructOptions], tuple[str, list[dict]]]
     build_messages: Callable[[dict, str, list[dict], bool], list[dict]]
-    # (pair, reply text, quote_words, seed) → (record, None) or (None, rejection reason)
-    to_record: Callable[[dict, str, int, int], tuple[dict | None, str | None]]
+    # (pair, reply text, options) → (record, None) or (None, rejection reason)
+    to_record: Callable[[dict, str, InstructOptions], tuple[dict | None, str | None]]
 
 
 def get_preset(name: str) -> Preset:
@@ -51,20 +57,54 @@ def get_preset(name: str) -> Preset:
 
 
 # ------------------------------------------------------------------------------------ medvlm
+def _medvlm_prompt(options):
+    from .instruct import read_fewshot
+
+    system = Path(options.system_file or PROMPTS / "instruct_system.txt").read_text(encoding="utf-8").strip()
+    return system, read_fewshot(options.fewshot_file or PROMPTS / "instruct_fewshot.jsonl")
+
+
 def _medvlm_messages(pair, system, fewshot, with_mentions):
     from .instruct import build_messages
 
     return build_messages(pair, system, fewshot, with_mentions)
 
 
-def _medvlm_record(pair, text, quote_words, seed):
+def _medvlm_record(pair, text, options):
     from .instruct import _caption, to_record, validate_reply
 
-    turns, reason = validate_reply(text, _caption(pair), quote_words)
+    turns, reason = validate_reply(text, _caption(pair), options.quote_words)
     return (None, reason) if reason else (to_record(pair, turns), None)
 
 
 # ------------------------------------------------------------------------------------ llava_med
+def _llava_med_prompt(options):
+    """LLaVA-Med's system prompt (sent as written) and its ``fs`` examples from the user's checkout; the
+    cleaning lists are read here too, so a wrong checkout fails before any request is sent."""
+    from .instruct import read_fewshot
+
+    reference_text.llava_med_cleaning_lists(options.llava_med_repo)
+    system = (Path(options.system_file).read_text(encoding="utf-8") if options.system_file
+              else reference_text.llava_med_system_prompt(options.llava_med_repo))
+    if options.fewshot_file:
+        return system, read_fewshot(options.fewshot_file)
+    return system, [llava_med_example(e) for e in reference_text.llava_med_fewshot(options.llava_med_repo)]
+
+
+def llava_med_example(example: dict) -> dict:
+    """One of LLaVA-Med's ``fs`` examples as a few-shot example: its context fields, and its conversation as
+    ``conv_to_str`` writes it (``User: `` / ``Assistant: `` turns joined by blank lines)."""
+    try:
+        turns = [("User: " if t["from"] == "human" else "Assistant: ") + t["value"] for t in example["conversations"]]
+        mentions = [m["tokens"] if isinstance(m, dict) else str(m) for m in example.get("in_text_mention") or []]
+        return {"fig_label": example["fig_label"], "caption": example["fig_caption"], "mentions": mentions,
+                "conversation": "\n\n".join(turns)}
+    except (KeyError, TypeError) as exc:
+        raise reference_text.ReferenceTextError(
+            f"a LLaVA-Med few-shot example lacks {exc} (fig_label, fig_caption, conversations with from/value); "
+            "use an unmodified LLaVA-Med v1.0.0 checkout") from None
+
+
 def llava_med_context(label: str, caption: str, mentions: list[str], with_mentions: bool) -> str:
     """``PromptGenerator.context_gen``: the label before the caption, mentions as tab-indented bullets."""
     text = f"Figure Caption:\n{label}: {caption}"
@@ -98,7 +138,8 @@ def split_turns(text: str) -> list[tuple[str, str]]:
 
 
 def clean_turns(turns: list[tuple[str, str]], rules: dict) -> list[tuple[str, str]]:
-    """``clean_conv``: drop, trim or keep each (question, reply) turn by LLaVA-Med's phrase lists."""
+    """``clean_conv``: drop, trim or keep each (question, reply) turn by the phrase lists in ``rules``
+    (``reference_text.llava_med_cleaning_lists``: LLaVA-Med's, read from the user's checkout)."""
     still = rules["drop_turn_if_reply_still_contains"]
     kept = []
     for question, reply in turns:
@@ -123,19 +164,19 @@ def llava_med_domain(modality: str | None) -> dict:
     return flags
 
 
-def _llava_med_record(pair, text, quote_words, seed):
+def _llava_med_record(pair, text, options):
     from .instruct import REFUSAL, pair_id
 
     if not text or not text.strip():
         return None, "empty"
     if REFUSAL.match(text):
         return None, "refusal"
-    turns = clean_turns(split_turns(text), _cleaning_rules())
+    turns = clean_turns(split_turns(text), reference_text.llava_med_cleaning_lists(options.llava_med_repo))
     if not turns:
         return None, "no_turn_left" if split_turns(text) else "unparseable"
     pid = pair_id(pair)
     first = turns[0][0]
-    first = f"{first}\n<image>" if random.Random(f"{seed}:{pid}").getrandbits(1) else f"<image>\n{first}"
+    first = f"{first}\n<image>" if random.Random(f"{options.seed}:{pid}").getrandbits(1) else f"<image>\n{first}"
     conversations = []
     for i, (question, reply) in enumerate(turns):
         conversations += [{"from": "human", "value": first if i == 0 else question}, {"from": "gpt", "value": reply}]
@@ -144,18 +185,7 @@ def _llava_med_record(pair, text, quote_words, seed):
             "conversations": conversations}, None
 
 
-_RULES: dict = {}
-
-
-def _cleaning_rules() -> dict:
-    if not _RULES:
-        _RULES.update(json.loads((PROMPTS / "llava_med_cleaning.json").read_text(encoding="utf-8")))
-    return _RULES
-
-
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("medvlm", PROMPTS / "instruct_system.txt", PROMPTS / "instruct_fewshot.jsonl", _medvlm_messages,
-           _medvlm_record),
-    Preset("llava_med", PROMPTS / "llava_med_system.txt", PROMPTS / "llava_med_fewshot.jsonl", _llava_med_messages,
-           _llava_med_record),
+    Preset("medvlm", _medvlm_prompt, _medvlm_messages, _medvlm_record),
+    Preset("llava_med", _llava_med_prompt, _llava_med_messages, _llava_med_record),
 )}

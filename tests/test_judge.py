@@ -8,8 +8,12 @@ import re
 import pytest
 from PIL import Image
 
-from downstream.judge import (JUDGE_RUBRIC, ChatQuestion, judge_messages, judge_options, parse_scores, read_questions,
-                              run_judge, summarize)
+from downstream.judge import (JUDGE_SYSTEM, LLAVA_BENCH, ChatQuestion, Rubric, judge_messages, judge_options,
+                              load_rubric, parse_scores, read_questions, run_judge, summarize)
+from pmc_ingest.reference_text import ENV
+from tests.llava_med_checkout import JUDGE_SYSTEM as PLACEHOLDER_SYSTEM
+from tests.llava_med_checkout import RUBRIC as PLACEHOLDER_RUBRIC
+from tests.llava_med_checkout import make_checkout
 from tests.openai_server import FakeOpenAI
 
 DOMAIN = {"chest_xray": False, "mri": False, "histology": False, "gross": False, "ct_scan": False}
@@ -49,14 +53,25 @@ def _qa50(tmp_path, n=4):
     return path
 
 
-def test_judge_prompt_is_llava_meds_with_label_caption_and_mention_bullets(tmp_path):
+def test_judge_prompt_has_label_caption_mention_bullets_and_llava_benchs_rule_by_default(tmp_path):
     item = read_questions(_qa50(tmp_path))[0]
     messages = judge_messages(item, "ref", "ans")
     user = messages[1]["content"]
     assert user.startswith("[Context]\nFigure Caption:\nFigure 0: Caption 0.\n\nFigure Context:\n\t- Mention 0a.\n\t- Mention 0b.")
     assert "[Assistant 1]\nref\n\n[End of Assistant 1]\n\n[Assistant 2]\nans\n\n[End of Assistant 2]" in user
-    assert user.endswith(f"[System]\n{JUDGE_RUBRIC}\n\n")
+    assert user.endswith(f"[System]\n{LLAVA_BENCH.instruction}\n\n")
+    assert LLAVA_BENCH.instruction.startswith("We would like to request your feedback on the performance of two AI")
+    assert messages[0] == {"role": "system", "content": JUDGE_SYSTEM}
     assert (item.domain, item.type) == ("chest_xray", "conversation")
+
+
+@pytest.mark.parametrize("branch", ["v1.0.0", "main"])
+def test_llava_med_rubric_and_system_message_are_read_from_the_users_checkout(tmp_path, branch):
+    rubric = load_rubric("llava_med", llava_med_repo=make_checkout(tmp_path / "LLaVA-Med", branch))
+    assert rubric == Rubric("llava_med", PLACEHOLDER_SYSTEM, PLACEHOLDER_RUBRIC)
+    messages = judge_messages(ChatQuestion("a", "q", None, "conversation", None, "c", "", [], "r"), "r", "x", rubric)
+    assert messages[0]["content"] == PLACEHOLDER_SYSTEM
+    assert messages[1]["content"].endswith(f"[System]\n{PLACEHOLDER_RUBRIC}\n\n")
 
 
 @pytest.mark.parametrize("reply, scores", [("8 6\nwhy", (8.0, 6.0)), ("7.5, 9\n", (7.5, 9.0)),
@@ -137,3 +152,39 @@ def test_cli_judges_an_answer_file_and_names_a_missing_reference(tmp_path, monke
                      "--out", str(tmp_path / "k"), "--base-url", server.base_url]) == 4
     err = capsys.readouterr().err
     assert "question 1: no reference answer" in err and len(err.strip().splitlines()) == 1
+
+
+def _judge_cli(tmp_path, server, out, *extra):
+    from medvlm.cli import main
+
+    questions = _qa50(tmp_path, n=2)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": i, "text": "An answer."}) + "\n" for i in range(2)))
+    return main(["eval", "judge", "--questions", str(questions), "--answers", str(answers),
+                 "--out", str(tmp_path / out), "--base-url", server.base_url, *extra])
+
+
+def test_cli_judges_with_llava_meds_rubric_from_llava_med_repo_or_with_a_rubric_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
+    checkout = make_checkout(tmp_path / "LLaVA-Med")
+    (tmp_path / "rubric.txt").write_text("My own rubric: score both 1-10 on the first line.\n")
+    with JudgeServer() as server:
+        assert _judge_cli(tmp_path, server, "med", "--rubric", "llava_med", "--llava-med-repo", str(checkout)) == 0
+        assert _judge_cli(tmp_path, server, "own", "--rubric-file", str(tmp_path / "rubric.txt")) == 0
+        sent = [r["messages"] for r in server.requests]
+    assert [m[1]["content"].endswith(f"[System]\n{PLACEHOLDER_RUBRIC}\n\n") for m in sent] == [True, True, False, False]
+    assert sent[2][1]["content"].endswith("[System]\nMy own rubric: score both 1-10 on the first line.\n\n")
+    assert json.loads((tmp_path / "med" / "metrics.json").read_text())["rubric"] == "llava_med"
+    assert json.loads((tmp_path / "own" / "metrics.json").read_text())["rubric"] == "file:rubric.txt"
+
+
+def test_cli_llava_med_rubric_without_a_checkout_says_how_to_get_one_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
+    monkeypatch.delenv(ENV, raising=False)
+    with JudgeServer() as server:
+        assert _judge_cli(tmp_path, server, "j", "--rubric", "llava_med") == 2
+        assert server.requests == []
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--rubric llava_med needs your own LLaVA-Med checkout" in err
+    assert "git clone https://github.com/microsoft/LLaVA-Med" in err and "--llava-med-repo" in err

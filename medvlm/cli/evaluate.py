@@ -76,6 +76,7 @@ def _register_leakage(actions, datasets) -> None:
 
 
 def _register_judge(actions) -> None:
+    from downstream.judge import RUBRICS
     from downstream.protocols import protocol_names
 
     judge = actions.add_parser("judge", help="GPT-judged chat evaluation (LLaVA-Bench / LLaVA-Med qa50 files)")
@@ -95,6 +96,12 @@ def _register_judge(actions) -> None:
     judge.add_argument("--max-concurrency", type=int, default=8, help="judge requests in flight at once")
     judge.add_argument("--budget-usd", type=float, help="never send a request that could cross this spend")
     judge.add_argument("--max-tokens-total", type=int, help="never send a request that could cross this many tokens")
+    rubric = judge.add_mutually_exclusive_group()
+    rubric.add_argument("--rubric", choices=RUBRICS, default=RUBRICS[0],
+                        help="the judge's instruction: LLaVA-Bench's rule, or LLaVA-Med's (read from --llava-med-repo)")
+    rubric.add_argument("--rubric-file", help="a file holding your own judge instruction instead")
+    judge.add_argument("--llava-med-repo", help="your clone of microsoft/LLaVA-Med, which --rubric llava_med reads "
+                                                "(default: $MEDVLM_LLAVA_MED_REPO)")
     judge.set_defaults(handler=run_judge_command)
 
 
@@ -102,6 +109,7 @@ def run_judge_command(args) -> int:
     from downstream import judge as jd
     from downstream.protocols import EvalSettings
 
+    rubric = jd.load_rubric(args.rubric, args.rubric_file, args.llava_med_repo)
     questions = jd.read_questions(args.questions)
     answered_with = None
     if args.answers:
@@ -117,7 +125,7 @@ def run_judge_command(args) -> int:
     options = jd.judge_options(model=args.judge_model, base_url=args.base_url, api_key_env=args.api_key_env,
                                max_concurrency=args.max_concurrency, budget_usd=args.budget_usd,
                                max_tokens_total=args.max_tokens_total)
-    result = jd.run_judge(questions, answers, args.out, options, references, answered_with=answered_with)
+    result = jd.run_judge(questions, answers, args.out, options, references, answered_with=answered_with, rubric=rubric)
     print(jd.format_report(result), end="")
     print(f"scores: {Path(args.out) / 'scores.jsonl'}\nmetrics: {Path(args.out) / 'metrics.json'}")
     return 0

@@ -90,7 +90,10 @@ def _register_instruct(steps) -> None:
     instruct.add_argument("--no-mentions", dest="with_mentions", action="store_false",
                           help="leave the inline mentions out of the prompt (LLaVA-Med's 60K vs 60K-IM)")
     instruct.add_argument("--preset", choices=list(PRESETS), default=defaults.preset,
-                          help="prompt and record recipe: medvlm's, or LLaVA-Med's instruct_generate/postprocess")
+                          help="prompt and record recipe: medvlm's, or LLaVA-Med's instruct_generate/postprocess "
+                               "(its prompts read from --llava-med-repo)")
+    instruct.add_argument("--llava-med-repo", help="your clone of microsoft/LLaVA-Med at tag v1.0.0, which --preset "
+                                                   "llava_med reads its prompts from (default: $MEDVLM_LLAVA_MED_REPO)")
     instruct.add_argument("--budget-usd", type=float, help="never send a request that could cross this spend")
     instruct.add_argument("--max-tokens-total", type=int, help="never send a request that could cross this many tokens")
     instruct.add_argument("--max-consecutive-failures", type=int, default=defaults.max_consecutive_failures,
