@@ -14,12 +14,12 @@ forward pass, the best is the prediction — no free text to parse.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from medvlm.fileio import atomic_write_json, atomic_write_jsonl
 
 from .datasets import VQARecord
 from .metrics import SUITES, Item, evaluate_items, format_table, paired_difference
@@ -112,11 +112,11 @@ def _score_and_write(records: Sequence[VQARecord], predictions: dict[str, str], 
                      settings: dict) -> dict:
     rows = [{"id": r.id, "question": r.question, "gt": r.answer, "prediction": predictions[r.id],
              "answer_type": r.answer_type, "image": r.image, **_groups(r)} for r in records]
-    _write_jsonl(out_dir / "answers.jsonl", rows)
+    atomic_write_jsonl(out_dir / "answers.jsonl", rows)
     items = [Item(r.id, predictions[r.id], r.answer, r.answer_type, _groups(r)) for r in records]
     result = evaluate_items(items, suites, candidates)
     result["settings"] = settings
-    _write_json(out_dir / "metrics.json", result)
+    atomic_write_json(out_dir / "metrics.json", result)
     (out_dir / "report.md").write_text(f"# VQA evaluation\n\n{format_table(result, suites)}\n")
     return result
 
@@ -195,15 +195,3 @@ def format_comparison(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

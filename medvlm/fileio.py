@@ -13,7 +13,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 @contextmanager
@@ -61,6 +61,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True)
 def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 2, fsync: bool = True) -> Path:
     """Replace ``path`` with ``data`` as JSON (values JSON cannot hold are written with ``str``)."""
     return atomic_write_text(path, json.dumps(data, indent=indent, default=str, ensure_ascii=False) + "\n", fsync=fsync)
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any], fsync: bool = True) -> Path:
+    """Replace ``path`` with one JSON value per line, streamed (``rows`` may be a generator)."""
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 class FolderInUse(RuntimeError):

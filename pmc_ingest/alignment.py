@@ -7,9 +7,10 @@ member's own sub-caption when it has one, since that is what its image shows.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
+
+from medvlm.fileio import atomic_path
 
 PROMPTS_FILE = Path(__file__).parent / "prompts" / "brief_description.txt"
 
@@ -57,10 +58,8 @@ def write_alignment(pairs_dir: str | Path, out_file: str | Path, seed: int = 0, 
         wanted = set(canonical_modalities(modalities))
         pairs = pairs.filter(lambda m: m in wanted, input_columns="modality")
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
     count = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write("[")
         for row in pairs:
             if limit is not None and count >= limit:
@@ -68,5 +67,4 @@ def write_alignment(pairs_dir: str | Path, out_file: str | Path, seed: int = 0, 
             fh.write(("," if count else "") + "\n" + json.dumps(alignment_record(row, rng.choice(prompts)), ensure_ascii=False))
             count += 1
         fh.write("\n]\n")
-    os.replace(tmp, out_file)
     return count

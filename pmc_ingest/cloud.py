@@ -31,6 +31,8 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+from medvlm.fileio import atomic_write_bytes
+
 from .packages import IMAGE_SUFFIXES, ArticlePackage, FileMissing, PackageError, read_folder, safe_name, safe_pmcid
 from .s3 import FetchError, S3Store
 
@@ -198,10 +200,7 @@ def _cached_get(store: S3Store, version: str, name: str, limit: int, md5: str | 
         return cached.read_bytes()
     data = store.get(f"{version}/{name}", limit=limit, md5=md5)
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(cached)
+        atomic_write_bytes(cached, data, fsync=False)  # a cache: fetched again if lost
     return data
 
 

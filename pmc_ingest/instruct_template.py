@@ -14,10 +14,11 @@ whose questions go beyond what a caption states.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
+
+from medvlm.fileio import atomic_write_text
 
 MODALITY_ANSWERS = {
     "CT": "This is a computed tomography (CT) image.", "MRI": "This is a magnetic resonance imaging (MRI) image.",
@@ -49,7 +50,5 @@ def write_template_instructions(pairs_dir: str | Path, out_file: str | Path, see
     rng = random.Random(seed)
     records = [template_conversation(row, rng) for row in load_pairs(pairs_dir)]
     out_file = Path(out_file)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False))
-    os.replace(tmp, out_file)
+    atomic_write_text(out_file, json.dumps(records, indent=1, ensure_ascii=False))
     return len(records)

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from medvlm.fileio import atomic_path, atomic_write_bytes
+
 from .jats import Article, JatsError, normalise_license, parse_article
 from .modality import classify_modality
 from .packages import (DEFAULT_MAX_FILE_BYTES, ArticlePackage, FileMissing, FileTooLarge, PackageError, discover,
@@ -353,9 +355,8 @@ class ShardWriter:
         from datasets import Dataset
 
         name = f"pairs-{self.tag}-{len(self.written):05d}.parquet"
-        tmp = self.out_dir / f".{name}.tmp"
-        Dataset.from_list(self.rows, features=_features()).to_parquet(str(tmp))
-        os.replace(tmp, self.out_dir / name)
+        with atomic_path(self.out_dir / name) as tmp:
+            Dataset.from_list(self.rows, features=_features()).to_parquet(str(tmp))
         self.written.append(name)
         self.rows = []
 
@@ -546,10 +547,7 @@ def _shard_tag(spec: str | None) -> str:
 def _write_image(path: Path, data: bytes) -> None:
     if path.is_file() and path.stat().st_size == len(data):
         return  # the name holds the content hash: the same bytes are already there
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, fsync=False)  # one per figure: an fsync each would slow ingest; a lost one is refetched
 
 
 def load_pairs(pairs_dir: str | Path):

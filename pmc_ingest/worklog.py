@@ -104,7 +104,7 @@ def publish(out_dir: Path, staging: Path, tag: str, write_shards: Callable[[Path
     (out_dir / report_name).unlink(missing_ok=True)
     for old in out_dir.glob(f"pairs-{tag}-*.parquet"):
         old.unlink()
-    for name in names:
+    for name in names:  # whole files already written in staging/: a rename (not fileio) moves each in one step
         os.replace(staging / name, out_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
     atomic_write_json(out_dir / report_name, report)
