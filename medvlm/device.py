@@ -110,8 +110,7 @@ def _local_rank() -> int:
 
 def place(bundle, placement: Placement):
     """Move an already-built bundle's model to ``placement`` (dtype, device, attention kernel); eval mode."""
-    model = bundle.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model, base = bundle.model, bundle.base_model
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(placement.attn_implementation)
     bundle.model = model.to(device=placement.device, dtype=placement.dtype).eval()
@@ -133,7 +132,9 @@ def load_for_inference(source: dict | str | os.PathLike, device: str | None = No
 
 def describe(model) -> dict:
     """What actually runs: the device and dtype of the weights and the attention kernel in the config."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from .model import unwrap_peft
+
+    base = unwrap_peft(model)
     param = next(p for p in base.parameters() if p.is_floating_point())
     config = base.config
     text = getattr(config, "text_config", config)
@@ -187,9 +188,9 @@ class FileExchange:
     def _write(self, name: str, data) -> None:
         import json
 
-        tmp = self.folder / f".{name}.tmp"
-        tmp.write_text(data if name.endswith(".error") else json.dumps(data))
-        os.replace(tmp, self.folder / name)
+        from .fileio import atomic_write_text
+
+        atomic_write_text(self.folder / name, data if name.endswith(".error") else json.dumps(data), fsync=False)
 
     def fail(self, exc: BaseException) -> None:
         self._write(f"rank-{self.rank}.error", f"{type(exc).__name__}: {exc}")

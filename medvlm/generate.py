@@ -189,7 +189,7 @@ class _Generation:
     def __init__(self, bundle, image_aspect_ratio: str, feature_cache, max_new_tokens: int, share_prefix: bool,
                  generation: dict | None = None):
         self.bundle, self.model = bundle, bundle.model
-        self.base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.base = bundle.base_model
         self.device = next(self.model.parameters()).device
         self.dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
         self.pad_id = bundle.tokenizer.pad_token_id

@@ -71,6 +71,14 @@ class LlavaBundle:
         """The ``LlavaForConditionalGeneration`` inside a peft wrapper, or the model itself."""
         return unwrap_peft(self.model)
 
+    def use_template(self, name: str) -> None:
+        """Talk in template ``name`` from now on: its Jinja becomes the chat template saved with the model,
+        so the exported template renders what training rendered (``chat_template`` keeps the LM's own)."""
+        jinja = chat_template_jinja(name)
+        if jinja is not None:
+            self.tokenizer.chat_template = self.processor.chat_template = jinja
+        self.template = name
+
     @property
     def image_token_id(self) -> int:
         return int(self.config.image_token_id)
@@ -194,7 +202,7 @@ def load_quantized(source: dict, quantize: str, trust_remote_code: bool = False)
 
 
 def is_quantized(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
@@ -295,28 +303,45 @@ def compose(
     known tower, e.g. ``openai/clip-vit-large-patch14-336``, or a folder with a config.json): the real
     shapes without the download, for speed and memory checks.
     """
-    from accelerate import init_empty_weights
-    from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer,
-                              CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration)
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
     if gguf_file is None and str(llm).endswith(".gguf"):
         llm, gguf_file = str(Path(llm).parent), Path(llm).name
+    tokenizer, language_model = _load_language_model(llm, gguf_file, dtype, trust_remote_code, attn_implementation)
+    vision_model = _load_vision_tower(vision, dtype, seed, attn_implementation, random_vision)
+    _add_llava_tokens(tokenizer, language_model, gguf_file)
+    model = _assemble_llava(vision_model, language_model, tokenizer, seed)
+    if template is None:
+        template = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+    processor = _compose_processor(vision, vision_model.config, tokenizer, template, random_vision)
+    meta = {"template": template, "source": f"compose:{vision}+{llm}{'/' + gguf_file if gguf_file else ''}"}
+    return LlavaBundle(model, processor, template, meta)
+
+
+def _load_language_model(llm: str, gguf_file: str | None, dtype, trust_remote_code: bool, attn_implementation):
+    """``compose`` step 1: the causal LM and its tokenizer (from a folder, or de-quantised from a GGUF file)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     lm_kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         lm_kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(llm, **lm_kwargs)
     if attn_implementation:
         lm_kwargs["attn_implementation"] = attn_implementation
-    language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or torch.float32, **lm_kwargs)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(llm, dtype=dtype or torch.float32, **lm_kwargs)
+
+
+def _load_vision_tower(vision: str, dtype, seed: int, attn_implementation, random_vision: bool):
+    """``compose`` step 2: the CLIP tower, pretrained or (``random_vision``) random weights of its real shape."""
+    from transformers import CLIPVisionModel
+
     attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if random_vision:
         torch.manual_seed(seed)
-        vision_model = CLIPVisionModel(vision_tower_config(vision), **attention).to(dtype or torch.float32)
-    else:
-        vision_model = CLIPVisionModel.from_pretrained(vision, dtype=dtype or torch.float32, **attention)
-    vision_config = vision_model.config
+        return CLIPVisionModel(vision_tower_config(vision), **attention).to(dtype or torch.float32)
+    return CLIPVisionModel.from_pretrained(vision, dtype=dtype or torch.float32, **attention)
 
+
+def _add_llava_tokens(tokenizer, language_model, gguf_file: str | None) -> None:
+    """``compose`` step 3: the image token (and a pad token when the LM has none), embeddings resized to fit."""
     added = tokenizer.add_tokens([_special(IMAGE_TOKEN)], special_tokens=True)
     if tokenizer.pad_token is None:
         # Real LMs often ship no pad token; padding with EOS would mask EOS out of the labels' learning.
@@ -330,6 +355,15 @@ def compose(
         language_model.hf_quantizer = None
     text_config.pad_token_id = tokenizer.pad_token_id
 
+
+def _assemble_llava(vision_model, language_model, tokenizer, seed: int):
+    """``compose`` step 4: a ``LlavaForConditionalGeneration`` holding the two parts and a new projector
+    (seeded by ``seed``), tied embeddings kept tied."""
+    from accelerate import init_empty_weights
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    vision_config, text_config = vision_model.config, language_model.config
     config = LlavaConfig(
         vision_config=vision_config, text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -348,6 +382,13 @@ def compose(
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     model.generation_config = language_model.generation_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _compose_processor(vision: str, vision_config, tokenizer, template: str, random_vision: bool):
+    """``compose`` step 5: the tower's image processor (or one built from its size) and the tokenizer, whose
+    chat template becomes ``template``'s Jinja unless ``template`` is the tokenizer's own."""
+    from transformers import AutoImageProcessor
 
     try:
         if random_vision:
@@ -355,13 +396,9 @@ def compose(
         image_processor = AutoImageProcessor.from_pretrained(vision)
     except (OSError, ValueError):
         image_processor = make_image_processor(vision_config.image_size)
-    if template is None:
-        template = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
     if chat_template_jinja(template) is not None or not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = chat_template_jinja(template) or LLAVA_V1_JINJA
-    processor = make_processor(image_processor, tokenizer, vision_config.patch_size, tokenizer.chat_template)
-    meta = {"template": template, "source": f"compose:{vision}+{llm}{'/' + gguf_file if gguf_file else ''}"}
-    return LlavaBundle(model, processor, template, meta)
+    return make_processor(image_processor, tokenizer, vision_config.patch_size, tokenizer.chat_template)
 
 
 def vision_tower_config(vision: str):
@@ -465,7 +502,7 @@ def dequantized_merge(model, dtype: torch.dtype = torch.bfloat16):
     trained copy kept); the result has no quantisation config and saves as a normal folder."""
     from peft.tuners.lora import LoraLayer
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     base.dequantize(dtype=dtype)   # replaces every bnb Linear4bit, those inside LoRA wrappers included
     for module in base.modules():
         if isinstance(module, LoraLayer):
@@ -494,7 +531,7 @@ def save_folder(bundle: LlavaBundle, out_dir: str | os.PathLike, state_dict: dic
 
 
 def projector_state_dict(model) -> dict[str, torch.Tensor]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     projector = base.model.multi_modal_projector
     if hasattr(projector, "modules_to_save"):  # peft wrapper: the trained copy
         projector = projector.modules_to_save["default"]
@@ -526,7 +563,7 @@ def load_projector(model, path: str | os.PathLike) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no projector file; pass a stage-1 {PROJECTOR_FILE} or LLaVA's mm_projector.bin")
     renamed = {new: value for key, value in read_weights(path).items() if (new := projector_key(key)) is not None}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     projector = base.model.multi_modal_projector
     try:
         projector.load_state_dict(renamed)

@@ -193,7 +193,7 @@ class Trainer:
             self.bundle.model.enable_input_require_grads()
         self.feature_cache = self._make_feature_cache()
         self.template = cfg.template or self.bundle.template
-        self.bundle.template = self.template
+        self.bundle.use_template(self.template)
 
     def _setup_data(self) -> None:
         cfg, tokenizer = self.config, self.bundle.tokenizer
