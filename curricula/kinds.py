@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from medvlm import registry
 from medvlm.config import ConfigError, StageConfig, from_dict
 
 if TYPE_CHECKING:
@@ -44,8 +45,8 @@ KINDS: dict[str, StageKind] = {}
 
 
 def register(kind: StageKind) -> StageKind:
-    KINDS[kind.name] = kind
-    return kind
+    """Make ``kind`` a stage ``kind:`` that curricula validate and run; a taken name is refused."""
+    return registry.register(KINDS, kind.name, kind)
 
 
 def kind_of(stage: dict) -> StageKind:

@@ -119,6 +119,7 @@ class CurriculumRunner:
         print(f"[curriculum] {node.name}: {'starting' if state == 'pending' else 'resuming'} in {self.folder(node)}")
         started = time.time()
         self._set_status(node, "running", started=started, error=None)
+        self.folder(node).mkdir(parents=True, exist_ok=True)  # a kind writes into its folder from the start
         try:
             metrics = KINDS[node.kind].run(self, node)
         except StageInterrupted:

@@ -41,7 +41,7 @@ from typing import Callable
 
 from medvlm.fileio import atomic_write_bytes
 
-from .registry import RegisteredNames, lookup, register
+from medvlm.registry import RegisteredNames, lookup, register
 
 SPLIT_ALIASES = {"val": "validation", "validate": "validation", "valid": "validation", "dev": "validation"}
 

@@ -59,7 +59,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .registry import RegisteredNames, lookup, register
+from medvlm.registry import RegisteredNames, lookup, register
 
 # ------------------------------------------------------------------------------------ LLaVA-Med normalisation
 _PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from medvlm.registry import RegisteredNames, register
+
 LLAVA_MED_OPTION_SUFFIX = " Please choose from the following two options: [yes, no]"
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 CLOSED_MODES = ("generate", "likelihood")
@@ -57,8 +59,14 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
 )}
 
 
-def protocol_names() -> list[str]:
-    return list(PROTOCOLS)
+def register_protocol(protocol: Protocol) -> Protocol:
+    """Offer ``protocol`` to ``medvlm eval/finetune --protocol``, eval stages and ``EvalSettings``."""
+    return register(PROTOCOLS, protocol.name, protocol)
+
+
+def protocol_names() -> RegisteredNames:
+    """The registered protocol names, read at each use (argparse choices see later registrations)."""
+    return RegisteredNames(PROTOCOLS)
 
 
 def get_protocol(name: str) -> Protocol:

@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .conversation import template_names  # the registry, read at each check
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the fix."""
@@ -177,14 +179,6 @@ def check_trainable(policy: str) -> None:
         parse_trainable(policy)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-
-
-def template_names() -> list[str]:
-    """The templates ``medvlm/conversation.py`` defines (its registry), plus the model's own ``chat_template``."""
-    from . import conversation
-
-    names = list(getattr(conversation, "TEMPLATES"))
-    return names + ([] if "chat_template" in names else ["chat_template"])
 
 
 def check_template(template: str | None) -> None:

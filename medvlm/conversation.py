@@ -140,9 +140,18 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
 )}
 
 
-def template_names() -> list[str]:
-    """The names accepted by ``template:`` in configs and ``--template`` on the command line."""
-    return list(TEMPLATES)
+def register_template(template: Template) -> Template:
+    """Add a chat format: configs, ``--template``, training and the exported chat template then accept it."""
+    from .registry import register
+
+    return register(TEMPLATES, template.name, template)
+
+
+def template_names():
+    """The names accepted by ``template:`` in configs and ``--template`` on the command line, read live."""
+    from .registry import RegisteredNames
+
+    return RegisteredNames(TEMPLATES)
 
 
 def get_template(name: str) -> Template:

@@ -1,4 +1,5 @@
-"""Name → unit tables for the things users pick by name (data sets, metric suites, …).
+"""Name → unit tables for the things users pick by name (data sets, metric suites, eval protocols,
+conversation templates, curriculum stage kinds).
 
 A registry is a plain dict filled by ``register`` calls next to each unit's definition; ``names(registry)``
 is a live, read-only sequence of its keys for ``argparse`` choices and defaults, so a unit registered after

@@ -47,6 +47,43 @@ def tiny_bundle_factory():
     return build_tiny
 
 
+def label_spans(labels: list[int]) -> list[list[int]]:
+    """The runs of labelled (trained) token ids, in order: one per assistant reply."""
+    from medvlm.conversation import IGNORE_INDEX
+
+    spans, current = [], []
+    for label in labels:
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(label)
+    return spans + ([current] if current else [])
+
+
+def free_port() -> int:
+    """A local TCP port nobody listens on (at the time of asking)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process_group(process, sig: int, grace: float = 20.0) -> None:
+    """Stop a server started with ``start_new_session=True``: ``sig`` to its whole group, SIGKILL if it lingers."""
+    import signal
+    import subprocess
+
+    os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def stage_config(data: Path, images: Path, out: Path, **overrides):
     from medvlm.config import load_stage
 
@@ -54,3 +91,18 @@ def stage_config(data: Path, images: Path, out: Path, **overrides):
             "output_dir": str(out), "epochs": 2, "batch_size": 4, "lr": 1e-3, "log_steps": 1, "seed": 7}
     base.update(overrides)
     return load_stage(data=base)
+
+
+@pytest.fixture
+def registered():
+    """``registered(register, table, unit)``: a toy unit registered the way a real one is, removed after the test."""
+    added = []
+
+    def add(register, table: dict, unit):
+        register(unit)
+        added.append((table, unit.name))
+        return unit
+
+    yield add
+    for table, name in added:
+        table.pop(name, None)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from medvlm.conversation import (IGNORE_INDEX, TEMPLATES, ConversationError, chat_template_jinja, encode,
-                                 template_names)
+from medvlm.conversation import (IGNORE_INDEX, TEMPLATES, ConversationError, Template, chat_template_jinja, encode,
+                                 register_template, template_names)
+from tests.conftest import label_spans as _label_spans
 
 TWO_TURNS = [
     {"from": "human", "value": "What is shown?\n<image>"},
@@ -20,18 +21,6 @@ def bundle():
     from medvlm.model import build_tiny
 
     return build_tiny()
-
-
-def _label_spans(labels: list[int]) -> list[list[int]]:
-    spans, current = [], []
-    for label in labels:
-        if label == IGNORE_INDEX:
-            if current:
-                spans.append(current)
-            current = []
-        else:
-            current.append(label)
-    return spans + ([current] if current else [])
 
 
 def test_llava_v1_labels_are_exactly_the_gpt_turns(bundle):
@@ -136,3 +125,30 @@ def test_v0_keeps_the_image_where_the_record_puts_it(bundle):
 def test_template_registry_lists_the_reference_templates():
     assert {"vicuna_v1", "llava_v1", "v0", "simple", "mistral_instruct", "plain", "chat_template"} <= set(
         template_names())
+
+
+TOY_JINJA = ("{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{ 'Q: ' + m['content'] + '\\n' }}"
+             "{%- else -%}{{ 'A: ' + m['content'] + eos_token + '\\n' }}{%- endif -%}{%- endfor -%}"
+             "{%- if add_generation_prompt -%}{{ 'A:' }}{%- endif -%}")
+
+
+def test_a_toy_template_is_one_registered_unit(tmp_path, colour_set, registered):
+    """Registered once, a template is accepted by config validation, trained with, and saved as the
+    checkpoint's chat template, which renders the ids training used."""
+    from transformers import AutoTokenizer
+
+    from medvlm.trainer import Trainer
+    from tests.conftest import stage_config
+
+    registered(register_template, TEMPLATES, Template("toy", TOY_JINJA, source="a test"))
+    data, images = colour_set
+    result = Trainer(stage_config(data, images, tmp_path / "out", template="toy", max_steps=1)).run()
+    saved = AutoTokenizer.from_pretrained(result.checkpoint)
+    assert saved.chat_template == TOY_JINJA
+    ours = encode("toy", TWO_TURNS, saved, saved.convert_tokens_to_ids("<image>"), 1, True)
+    messages = [{"role": "user", "content": "<image>\nWhat is shown?"}, *({"role": "user" if t["from"] == "human" else
+                "assistant", "content": t["value"]} for t in TWO_TURNS[1:])]
+    assert saved.apply_chat_template(messages, tokenize=False).startswith("Q: <image>\nWhat is shown?\nA: An axial")
+    assert saved(saved.apply_chat_template(messages, tokenize=False))["input_ids"] == ours.input_ids
+    with pytest.raises(ValueError, match="registered already"):
+        register_template(Template("toy", None))

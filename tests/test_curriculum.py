@@ -297,3 +297,26 @@ def test_a_data_set_change_in_any_file_under_its_root_makes_its_stages_stale(tmp
     after = {n.name: n.key for n in build_plan(load_curriculum(path), tmp_path).nodes}
     assert after["align"] == before["align"] and after["instruct"] == before["instruct"]
     assert after["finetune[vqa-rad]"] != before["finetune[vqa-rad]"]
+
+
+def test_a_toy_stage_kind_is_one_registered_unit(tmp_path, registered):
+    from curricula.kinds import KINDS, StageKind, register
+
+    def run(runner, node):
+        (runner.folder(node) / "note.txt").write_text(node.settings["text"])
+        return {"characters": len(node.settings["text"])}
+
+    registered(register, KINDS, StageKind("note", frozenset({"text"}), False, lambda stage, parent: [None],
+                                          lambda stage, defaults: {"text": stage["text"]}, run))
+    path = tmp_path / "curriculum.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "model": {"preset": "tiny"},
+                                    "stages": [{"name": "hello", "kind": "note", "text": "hi"}]}))
+    summary = run_curriculum(path, tmp_path / "run")
+    folder = next((tmp_path / "run" / "stages").glob("hello-*"))
+    assert (folder / "note.txt").read_text() == "hi"
+    assert json.loads((folder / "stage.json").read_text())["metrics"] == {"characters": 2} and summary
+    path.write_text(path.read_text().replace("text: hi", "txt: hi"))
+    with pytest.raises(ValueError, match="txt"):                        # the kind's keys are what the planner checks
+        build_plan(load_curriculum(path), tmp_path)
+    with pytest.raises(ValueError, match="registered already"):
+        register(StageKind("note", frozenset(), False, None, None, None))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from downstream.protocols import (LLAVA_MED_OPTION_SUFFIX, PROTOCOLS, EvalSettings, ProtocolError, clean_answer,
-                                  format_question, generation_arguments, get_protocol)
+from downstream.protocols import (LLAVA_MED_OPTION_SUFFIX, PROTOCOLS, EvalSettings, Protocol, ProtocolError,
+                                  clean_answer, format_question, generation_arguments, get_protocol, register_protocol)
 from downstream.synthetic import VQAItem, write_vqa_rad_original
 from medvlm.imaging import load_image
 from medvlm.sample_images import sample_path
@@ -60,6 +60,19 @@ def test_simple_template_answers_lose_the_role_name_and_stop_signal():
 def test_unknown_protocol_names_the_choices():
     with pytest.raises(ProtocolError, match="llava_med_v1, llava_med_v1_5"):
         EvalSettings(protocol="llava_med")
+
+
+def test_a_toy_protocol_is_one_registered_unit(registered):
+    from medvlm.cli import build_parser
+
+    registered(register_protocol, PROTOCOLS, Protocol("toy", "plain", True, "", " Briefly.", 0.0, 8, source="a test"))
+    settings = EvalSettings.from_mapping({"protocol": "toy", "split": "test"})  # an eval stage's keys
+    assert settings.tokens == 8 and format_question(settings.spec, "Is it CT?", "closed") == "Is it CT? Briefly."
+    args = build_parser().parse_args(["eval", "--model", "m", "--dataset", "vqa-rad", "--root", "r",
+                                      "--protocol", "toy"])
+    assert args.protocol == "toy"                                               # the CLI's choices read the registry
+    with pytest.raises(ValueError, match="registered already"):
+        register_protocol(Protocol("toy", None, True, "", "", 0.0, 16))
 
 
 def test_settings_from_a_curriculum_stage_keep_only_evaluation_keys():
@@ -140,6 +153,8 @@ def test_curriculum_eval_stage_takes_a_protocol_and_refuses_an_unknown_one_befor
 
 
 def _fake_finetune(tmp_path, monkeypatch):
+    """A VQA-RAD set under ``tmp_path/rad``, and finetune's trainer replaced by one that records its config:
+    (the set's root, ``seen``)."""
     from types import SimpleNamespace
 
     from downstream import finetune

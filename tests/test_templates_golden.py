@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from medvlm.conversation import IGNORE_INDEX, encode, normalise_turns, prompt_messages, render
+from medvlm.conversation import encode, normalise_turns, prompt_messages, render
+from tests.conftest import label_spans
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden" / "templates.json").read_text())
 CONVERSATIONS = GOLDEN["conversations"]
@@ -64,11 +65,16 @@ def _cases(template, kind, tokenizer="legacy"):
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "llava_v1", "mistral_instruct", "plain"])
 def test_training_ids_and_labels_equal_the_reference(mistral_tokenizer, template):
-    cases = _cases(template, "train")
+    _assert_training_cases_match(mistral_tokenizer, template, "legacy")
+
+
+def _assert_training_cases_match(tokenizer, template: str, tokenizer_kind: str) -> None:
+    """Every golden training case of ``template`` for that kind of tokenizer: the reference ids and labels."""
+    cases = _cases(template, "train", tokenizer_kind)
     assert cases
     for case in cases:
         conv = CONVERSATIONS[case["conversation"]]
-        ids, labels = _encode(mistral_tokenizer, template, conv["turns"], conv["has_image"])
+        ids, labels = _encode(tokenizer, template, conv["turns"], conv["has_image"])
         assert ids == case["input_ids"], case["conversation"]
         assert labels == case["labels"], case["conversation"]
 
@@ -106,36 +112,18 @@ def test_v0_ids_equal_llava_med_v1_0_and_replies_end_with_the_stop_signal(mistra
         assert ids == case["input_ids"]
         assert labels != case["labels"]  # the reference drift described above
         replies = [t["value"] for t in conv["turns"] if t["from"] == "gpt"]
-        spans = _spans(labels)
+        spans = label_spans(labels)
         decoded = [mistral_tokenizer.decode(s) for s in spans]
         assert len(decoded) == len(replies)
         for text, reply in zip(decoded, replies):
             assert text.strip().startswith(reply) and text.rstrip().endswith("###")
 
 
-def _spans(labels):
-    spans, current = [], []
-    for label in labels:
-        if label == IGNORE_INDEX:
-            if current:
-                spans.append(current)
-            current = []
-        else:
-            current.append(label)
-    return spans + ([current] if current else [])
-
-
 @pytest.mark.parametrize("template", ["vicuna_v1", "llava_v1"])
 def test_non_legacy_tokenizer_ids_and_labels_equal_llava_1_5(non_legacy_tokenizer, template):
     """LLaVA-1.5 trained on Vicuna v1.5's non-legacy tokenizer: no space piece after ``</s>``, but one
     after the image (``tokenizer_image_token`` tokenizes each piece in its own call)."""
-    cases = _cases(template, "train", "non_legacy")
-    assert cases
-    for case in cases:
-        conv = CONVERSATIONS[case["conversation"]]
-        ids, labels = _encode(non_legacy_tokenizer, template, conv["turns"], conv["has_image"])
-        assert ids == case["input_ids"], case["conversation"]
-        assert labels == case["labels"], case["conversation"]
+    _assert_training_cases_match(non_legacy_tokenizer, template, "non_legacy")
     prompts = _cases("vicuna_v1", "prompt", "non_legacy")
     for case in prompts:
         conv = CONVERSATIONS[case["conversation"]]
