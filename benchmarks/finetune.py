@@ -171,7 +171,7 @@ def bench_shape(shape: str, template, data: Path, image_root: Path, args, peak: 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="a few minutes on 2 cores: 8 images, 1 epoch, 1 round")
+    parser.add_argument("--quick", action="store_true", help="a few minutes on 2 cores: 8 images, 1 epoch, 2 rounds")
     parser.add_argument("--like", choices=sorted(LIKE), default="vqa-rad", help="whose questions-per-image to copy")
     parser.add_argument("--format", choices=("jpeg", "dicom"), default="jpeg")
     parser.add_argument("--images", type=int, default=24)
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=("proportioned", "tiny"), default=["proportioned", "tiny"])
     args = parser.parse_args()
     if args.quick:
-        args.images, args.epochs, args.rounds, args.shapes = 8, 1, 1, ["proportioned"]
+        args.images, args.epochs, args.rounds, args.shapes = 8, 1, 2, ["proportioned"]
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
