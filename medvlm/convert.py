@@ -34,9 +34,11 @@ from pathlib import Path
 
 import torch
 
+from .conversation import chat_template_jinja
+
 LLAVA_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
 LLAVA_MODEL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
-TEMPLATES = {"llama": "vicuna_v1", "mistral": "mistral_instruct"}
+FAMILY_TEMPLATES = {"llama": "vicuna_v1", "mistral": "mistral_instruct"}  # what LLaVA trained each with
 # LLaVA training settings in config.json that are not the language model's
 LLAVA_ONLY_KEYS = {"architectures", "model_type", "_name_or_path", "transformers_version", "image_aspect_ratio",
                    "image_grid_pinpoints", "tokenizer_model_max_length", "tokenizer_padding_side", "use_mm_proj",
@@ -232,8 +234,8 @@ def load_llava_format(path: str | os.PathLike, vision: str | None = None, dtype:
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    template = _template(family)
-    tokenizer.chat_template = _chat_template(template, tokenizer)
+    template = FAMILY_TEMPLATES[family]
+    tokenizer.chat_template = chat_template_jinja(template)
     processor = make_processor(image_processor, tokenizer, vision_config.patch_size, tokenizer.chat_template)
     if llava.vision_feature_select_strategy == "full":
         processor.num_additional_image_tokens = 0
@@ -267,29 +269,6 @@ def _grow_embeddings(model, new_size: int, old_size: int) -> None:
     model.resize_token_embeddings(new_size, pad_to_multiple_of=64, mean_resizing=False)
     for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
         matrix[old_size:] = matrix[:old_size].float().mean(0).to(matrix.dtype)
-
-
-def _template(family: str) -> str:
-    """The conversation template LLaVA trained this family with, as medvlm names it (``llava_v1`` and
-    ``chat_template`` are the same prompts where ``vicuna_v1``/``mistral_instruct`` are not registered)."""
-    from .conversation import TEMPLATES as KNOWN
-
-    wanted = TEMPLATES[family]
-    if wanted in KNOWN:
-        return wanted
-    return "llava_v1" if family == "llama" else "chat_template"
-
-
-def _chat_template(template: str, tokenizer) -> str | None:
-    from . import conversation
-    from .model import LLAVA_V1_JINJA
-
-    render = getattr(conversation, "chat_template_jinja", None)
-    if render is not None:
-        return render(template)
-    if template in ("vicuna_v1", "llava_v1"):
-        return LLAVA_V1_JINJA
-    return tokenizer.chat_template
 
 
 # ------------------------------------------------------------------------------------------ converting

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from medvlm.fileio import atomic_path
 
+from .pairs import figure_caption
+
 PROMPTS_FILE = Path(__file__).parent / "prompts" / "brief_description.txt"
 
 
@@ -25,7 +27,7 @@ def read_prompts(path: str | Path | None = None) -> list[str]:
 
 
 def alignment_record(row: dict, prompt: str) -> dict:
-    target = row["subcaption"][0] if row.get("is_subfigure") and row.get("subcaption") else row["caption"]
+    target = figure_caption(row)
     return {
         "id": f"{row['pmcid']}_{row['figure_id']}",
         "image": row["image_path"],

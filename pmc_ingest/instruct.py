@@ -34,6 +34,7 @@ from medvlm.fileio import atomic_path, atomic_write_json
 
 from .chat_client import (Budget, ClientError, Request, ResponseCache, SendStats, estimate_tokens, load_price,
                           send_all)
+from .pairs import figure_caption as _caption  # the name instruct_presets imports
 
 PROMPTS = Path(__file__).parent / "prompts"
 REFUSAL = re.compile(r"^\s*(I'?m sorry|I am sorry|I cannot|I can't|I can not|As an AI|I'm unable|I am unable|Sorry,)", re.I)
@@ -124,10 +125,6 @@ def build_messages(pair: dict, system: str, fewshot: list[dict], with_mentions: 
         messages.append({"role": "assistant", "content": example["conversation"]})
     messages.append({"role": "user", "content": describe(_caption(pair), pair.get("inline_mentions") or [], with_mentions)})
     return messages
-
-
-def _caption(pair: dict) -> str:
-    return pair["subcaption"][0] if pair.get("is_subfigure") and pair.get("subcaption") else pair["caption"]
 
 
 def pair_id(pair: dict) -> str:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from medvlm.fileio import atomic_write_text
 
+from .pairs import figure_caption
+
 MODALITY_ANSWERS = {
     "CT": "This is a computed tomography (CT) image.", "MRI": "This is a magnetic resonance imaging (MRI) image.",
     "X-ray": "This is a plain radiograph (X-ray).", "ultrasound": "This is an ultrasound image.",
@@ -33,7 +35,7 @@ FINDINGS_QUESTIONS = ("What does the image show?", "Describe the findings in thi
 
 
 def template_conversation(row: dict, rng: random.Random) -> dict:
-    text = row["subcaption"][0] if row.get("is_subfigure") and row.get("subcaption") else row["caption"]
+    text = figure_caption(row)
     text = re.sub(r"^(fig(ure)?\.?\s*\d+[a-z]?[.:]?\s*)", "", text, flags=re.I).strip()
     turns = []
     if row.get("modality") in MODALITY_ANSWERS:

@@ -87,6 +87,11 @@ class ArticleResult:
     warnings: list[tuple[str, str]] = field(default_factory=list)   # (kind, message)
 
 
+def figure_caption(row: dict) -> str:
+    """The text that describes a row's image: a fig-group member's own panel caption, else the figure caption."""
+    return row["subcaption"][0] if row.get("is_subfigure") and row.get("subcaption") else row["caption"]
+
+
 def _features():
     from datasets import Features, Sequence, Value
 
@@ -547,7 +552,7 @@ def _shard_tag(spec: str | None) -> str:
 def _write_image(path: Path, data: bytes) -> None:
     if path.is_file() and path.stat().st_size == len(data):
         return  # the name holds the content hash: the same bytes are already there
-    atomic_write_bytes(path, data, fsync=False)  # one per figure: an fsync each would slow ingest; a lost one is refetched
+    atomic_write_bytes(path, data, fsync=False)  # no fsync per figure: a rerun rewrites one of the wrong size
 
 
 def load_pairs(pairs_dir: str | Path):
