@@ -230,21 +230,10 @@ def test_printed_paths_have_no_double_slash(tmp_path, monkeypatch, capsys):
 
 
 def test_finetune_with_max_steps_does_not_claim_nine_epochs(tmp_path, monkeypatch, capsys):
-    from types import SimpleNamespace
+    from tests.test_protocols import _fake_finetune
 
-    from downstream import finetune
-    from downstream.synthetic import write_vqa_rad_original
-    from tests.test_downstream import _items
-
-    write_vqa_rad_original(tmp_path / "rad", _items())
-    seen = {}
-
-    def fake_train(config):
-        seen["config"] = config
-        return SimpleNamespace(checkpoint=tmp_path / "ft" / "checkpoint", output_dir=tmp_path / "ft")
-
-    monkeypatch.setattr(finetune, "train_stage", fake_train)
-    assert main(["finetune", "--dataset", "vqa-rad", "--root", str(tmp_path / "rad"), "--model", "m",
+    root, seen = _fake_finetune(tmp_path, monkeypatch)
+    assert main(["finetune", "--dataset", "vqa-rad", "--root", str(root), "--model", "m",
                  "--out", str(tmp_path / "ft"), "--set", "max_steps=3"]) == 0
     out = capsys.readouterr().out
     assert seen["config"].max_steps == 3

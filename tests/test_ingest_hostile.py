@@ -47,6 +47,22 @@ def _spec(pmcid: str, *figures: tuple[str, int]) -> ArticleSpec:
                                        for i, (name, seed) in enumerate(figures, 1)])
 
 
+def _ingest_killed_at(article: int, sources: Path, out: Path) -> None:
+    """An ingest of ``sources`` into ``out`` killed (Ctrl-C) as it reaches its ``article``-th article."""
+    real, calls = pairs_module.process_source, []
+
+    def dies(*args):
+        calls.append(args[0])
+        if len(calls) == article:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pairs_module, "process_source", dies)
+        with pytest.raises(KeyboardInterrupt):
+            ingest_pmc([sources], out, IngestOptions(), progress=False)
+
+
 def _files_under(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
@@ -77,24 +93,14 @@ def test_figure_file_names_from_the_package_are_sanitised(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ item 2
-def test_an_aborted_rerun_keeps_the_previous_output_and_its_report(tmp_path, monkeypatch):
+def test_an_aborted_rerun_keeps_the_previous_output_and_its_report(tmp_path):
     for i in range(3):
         write_package(_spec(f"PMC100000{i}", (f"f{i}", i + 1)), tmp_path / "in")
     out = tmp_path / "out"
     ingest_pmc([tmp_path / "in"], out, IngestOptions(), progress=False)
     before = {p.name: p.read_bytes() for p in out.glob("*.json")} | {p.name: p.read_bytes() for p in out.glob("*.parquet")}
 
-    real, calls = pairs_module.process_source, []
-
-    def dies_on_the_second_article(*args):
-        calls.append(args[0])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(pairs_module, "process_source", dies_on_the_second_article)
-    with pytest.raises(KeyboardInterrupt):
-        ingest_pmc([tmp_path / "in"], out, IngestOptions(), progress=False)
+    _ingest_killed_at(2, tmp_path / "in", out)
     after = {p.name: p.read_bytes() for p in out.glob("*.json")} | {p.name: p.read_bytes() for p in out.glob("*.parquet")}
     assert after == before
     assert json.loads((out / "report.json").read_text())["pairs_kept"] == len(load_pairs(out)) == 3
@@ -110,23 +116,11 @@ def test_a_rerun_failing_while_writing_shards_leaves_old_shards_and_report_consi
     assert json.loads((out / "report.json").read_text())["pairs_kept"] == len(load_pairs(out)) == 2
 
 
-def test_a_rerun_after_an_abort_resumes_and_gives_the_uninterrupted_output(tmp_path, monkeypatch):
+def test_a_rerun_after_an_abort_resumes_and_gives_the_uninterrupted_output(tmp_path):
     for i in range(4):
         write_package(_spec(f"PMC100000{i}", (f"f{i}", i + 1)), tmp_path / "in")
     ingest_pmc([tmp_path / "in"], tmp_path / "whole", IngestOptions(), progress=False)
-    real, calls = pairs_module.process_source, []
-
-    def dies_on_the_third_article(*args):
-        calls.append(args[0])
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(pairs_module, "process_source", dies_on_the_third_article)
-    with pytest.raises(KeyboardInterrupt):
-        ingest_pmc([tmp_path / "in"], tmp_path / "out", IngestOptions(), progress=False)
-    monkeypatch.setattr(pairs_module, "process_source", real)
-    calls.clear()
+    _ingest_killed_at(3, tmp_path / "in", tmp_path / "out")
     report = ingest_pmc([tmp_path / "in"], tmp_path / "out", IngestOptions(), progress=False)
     assert report.resumed_articles == 2 and report.articles_read == 4
     strip = lambda rows: [{k: v for k, v in r.items() if k != "source"} for r in rows]  # noqa: E731
@@ -223,20 +217,9 @@ def test_unsafe_paths_are_refused_by_the_last_check():
         inside(Path(os.getcwd()), "images/../../x.jpg")
 
 
-def test_an_unfinished_run_with_other_arguments_is_not_resumed(tmp_path, monkeypatch):
+def test_an_unfinished_run_with_other_arguments_is_not_resumed(tmp_path):
     for i in range(3):
         write_package(_spec(f"PMC100000{i}", (f"f{i}", i + 1)), tmp_path / "in")
-    real, calls = pairs_module.process_source, []
-
-    def dies_on_the_third_article(*args):
-        calls.append(args[0])
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(pairs_module, "process_source", dies_on_the_third_article)
-    with pytest.raises(KeyboardInterrupt):
-        ingest_pmc([tmp_path / "in"], tmp_path / "out", IngestOptions(), progress=False)
-    monkeypatch.setattr(pairs_module, "process_source", real)
+    _ingest_killed_at(3, tmp_path / "in", tmp_path / "out")
     report = ingest_pmc([tmp_path / "in"], tmp_path / "out", IngestOptions(min_caption_chars=10), progress=False)
     assert report.resumed_articles == 0 and report.articles_read == 3

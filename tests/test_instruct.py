@@ -203,12 +203,10 @@ def test_a_broken_server_exits_non_zero_with_the_summary_written(pairs, tmp_path
 
 
 def test_connection_refused_exits_non_zero_with_the_summary_written(pairs, tmp_path, monkeypatch):
-    import socket
+    from tests.conftest import free_port
 
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    with socket.socket() as sock:          # a port that nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     options = InstructOptions(base_url=f"http://127.0.0.1:{port}/v1", max_retries=1, backoff_base=0.01, timeout=1.0)
     with pytest.raises(InstructError, match="APIConnectionError"):
         generate_instructions(pairs, tmp_path / "out", options, progress=False)

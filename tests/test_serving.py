@@ -10,7 +10,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.conftest import free_port, stop_process_group
+
 QUESTION = "What does the image show?"
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] \[(WARNING|INFO)\]")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -34,7 +29,7 @@ def transformers_serve(checkpoint: Path, log: Path, timeout: float = 240.0):
     """``transformers serve CHECKPOINT`` on a free port; yields its base URL once /health answers."""
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     command = [str(Path(sys.executable).parent / "transformers"), "serve", str(checkpoint), "--port", str(port),
                "--device", "cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -54,12 +49,7 @@ def transformers_serve(checkpoint: Path, log: Path, timeout: float = 240.0):
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server, signal.SIGTERM)
 
 
 def test_transformers_serve_answers_as_medvlm_chat_does(tmp_path, capsys):

@@ -128,18 +128,16 @@ def test_chat_without_a_question_or_web_is_a_usage_error(server, capsys):
 
 @pytest.mark.slow  # a second server process: its start-up (imports, model load) takes most of a minute on 2 cores
 def test_medvlm_chat_web_serves_the_app_until_stopped(server, tmp_path):
-    import os
     import signal
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
     from gradio_client import Client, handle_file
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.conftest import free_port, stop_process_group
+
+    port = free_port()
     command = [str(Path(sys.executable).parent / "medvlm"), "chat", "--model", str(server["checkpoint"]), "--web",
                "--port", str(port), "--max-new-tokens", "8"]
     log = tmp_path / "web.log"
@@ -155,9 +153,4 @@ def test_medvlm_chat_web_serves_the_app_until_stopped(server, tmp_path):
         expected = generate_answers(server["bundle"], ["What does the image show?"], [CT], max_new_tokens=8)[0]
         assert _same_text(_text(history[1]), expected)
     finally:
-        os.killpg(app.pid, signal.SIGINT)
-        try:
-            app.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(app.pid, signal.SIGKILL)
-            app.wait()
+        stop_process_group(app, signal.SIGINT)
