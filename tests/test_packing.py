@@ -219,18 +219,26 @@ def test_a_batch_decodes_each_image_once(vqa_items, monkeypatch):
     assert len(calls) == 3
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("trainable", ["projector+llm", "lora"])
-def test_packed_equals_unpacked_on_smollm2_within_1e_4(tmp_path, trainable):
+@pytest.fixture(scope="module")
+def smollm2_bundle(tmp_path_factory):
+    """A LLaVA composed of a tiny CLIP tower and the real SmolLM2-135M (loaded once for the module)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from medvlm.model import compose
     from tests.test_compose_real_lm import _gguf_path
 
-    vision = tmp_path / "clip"
+    vision = tmp_path_factory.mktemp("clip")
     CLIPVisionModel(CLIPVisionConfig(image_size=224, patch_size=16, hidden_size=128, intermediate_size=512,
                                      num_hidden_layers=2, num_attention_heads=4)).save_pretrained(vision)
-    bundle = trainable_bundle(compose(vision=str(vision), llm=str(_gguf_path())), trainable)
+    return compose(vision=str(vision), llm=str(_gguf_path()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainable", ["projector+llm", "lora"])
+def test_packed_equals_unpacked_on_smollm2_within_1e_4(tmp_path, smollm2_bundle, trainable):
+    import copy
+
+    bundle = trainable_bundle(copy.deepcopy(smollm2_bundle), trainable)
     data, images = make_vqa_set(tmp_path / "data")
     dataset = ConversationDataset([DataSource(str(data), str(images))], bundle, bundle.template)
     items = dataset.__getitems__(list(range(len(dataset))))
