@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medvlm.fileio import atomic_write_jsonl, atomic_write_text
+
 from .metrics import ScoreInputError
 
 DOMAINS = ("chest_xray", "mri", "histology", "gross", "ct_scan")
@@ -253,9 +255,7 @@ def _write(out_dir: Path, rows: list[dict], result: dict) -> None:
     texts = {"scores.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
              "metrics.json": json.dumps(result, indent=2), "report.md": format_report(result)}
     for name, text in texts.items():
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+        atomic_write_text(out_dir / name, text)
 
 
 def format_report(result: dict) -> str:
@@ -298,8 +298,6 @@ def answer_questions(bundle, questions: list[ChatQuestion], image_folder: str | 
     answers = {q.id: clean_answer(t, template.stop_strings, template.answer_prefix) for q, t in zip(questions, texts)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".answers.jsonl.tmp"
-    tmp.write_text("".join(json.dumps({"question_id": q.id, "prompt": q.question, "text": answers[q.id]},
-                                      ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
-    os.replace(tmp, out_dir / "answers.jsonl")
+    atomic_write_jsonl(out_dir / "answers.jsonl",
+                       ({"question_id": q.id, "prompt": q.question, "text": answers[q.id]} for q in questions))
     return answers

@@ -14,7 +14,7 @@ from medvlm.cli.options import add_device
 def register(sub) -> None:
     from downstream.datasets import DATASETS
     from downstream.metrics import SUITES
-    from downstream.protocols import protocol_names
+    from downstream.protocols import EvalSettings, protocol_names
 
     evaluate = sub.add_parser("eval", help="evaluate on a VQA split; `eval score` re-scores files; `eval leakage`",
                               description="medvlm eval --model CKPT --dataset slake --root DIR | "
@@ -27,8 +27,8 @@ def register(sub) -> None:
     evaluate.add_argument("--lang", default="en", help="SLAKE question language: en, zh or all")
     evaluate.add_argument("--out", help="output folder (default: runs/eval-DATASET-SPLIT)")
     evaluate.add_argument("--suite", action="append", choices=SUITES, help="metric suite (repeatable; default: all)")
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--protocol", choices=protocol_names(), default="medvlm",
+    evaluate.add_argument("--batch-size", type=int, default=EvalSettings.batch_size)
+    evaluate.add_argument("--protocol", choices=protocol_names(), default=EvalSettings.protocol,
                           help="prompt layout, decoding and token limit of a reference evaluation (README)")
     evaluate.add_argument("--max-new-tokens", type=int, help="default: the protocol's (medvlm: 256)")
     evaluate.add_argument("--closed-mode", choices=["generate", "likelihood"], default="generate")
@@ -77,7 +77,7 @@ def _register_leakage(actions, datasets) -> None:
 
 def _register_judge(actions) -> None:
     from downstream.judge import RUBRICS
-    from downstream.protocols import protocol_names
+    from downstream.protocols import EvalSettings, protocol_names
 
     judge = actions.add_parser("judge", help="GPT-judged chat evaluation (LLaVA-Bench / LLaVA-Med qa50 files)")
     judge.add_argument("--questions", required=True, help="question JSONL (LLaVA-Med llava_med_eval_qa50_qa.jsonl style)")
@@ -87,7 +87,7 @@ def _register_judge(actions) -> None:
     source.add_argument("--answers", help="an existing LLaVA answer file (question_id, text) to judge")
     judge.add_argument("--images", help="folder the questions' image paths are relative to")
     judge.add_argument("--reference", help="reference answer file (question_id, text); default: gpt4_answer")
-    judge.add_argument("--protocol", choices=protocol_names(), default="medvlm", help="how --model answers")
+    judge.add_argument("--protocol", choices=protocol_names(), default=EvalSettings.protocol, help="how --model answers")
     judge.add_argument("--max-new-tokens", type=int, help="default: the protocol's")
     add_device(judge)
     judge.add_argument("--judge-model", default="gpt-4o", help="model name the judge endpoint serves")
