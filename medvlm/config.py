@@ -77,6 +77,7 @@ class StageConfig:
     max_length: int = 2048
     overlength: Literal["skip", "truncate"] = "skip"
     image_aspect_ratio: Literal["pad", "resize"] = "pad"
+    max_image_pixels: int = 64_000_000         # larger images are skipped undecoded (image_unreadable)
     group_by_length: bool | Literal["auto"] = "auto"   # auto: group when random batches would pad ≥ 10%
     pack_by_image: bool | Literal["auto"] = False      # questions about one image share one prefix (packing.py)
     seed: int = 42
@@ -132,7 +133,7 @@ STAGE_RANGES = {
     "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "max_grad_norm": (_non_negative, ">= 0 (0: no clipping)"),
     "max_length": (_at_least_one, ">= 1"), "save_steps": (_non_negative, ">= 0 (0: at epoch ends only)"),
     "keep_last": (_at_least_one, ">= 1"), "log_steps": (_at_least_one, ">= 1"),
-    "num_workers": (_non_negative, ">= 0"), "max_skip_rate": (_fraction, "in [0, 1]"),
+    "num_workers": (_non_negative, ">= 0"), "max_image_pixels": (_at_least_one, ">= 1"), "max_skip_rate": (_fraction, "in [0, 1]"),
 }
 LORA_RANGES = {"r": (_at_least_one, ">= 1"), "alpha": (_positive, "> 0"), "dropout": (lambda v: 0 <= v < 1, "in [0, 1)")}
 MODEL_SOURCES = ("checkpoint", "compose", "preset")

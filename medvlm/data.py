@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .conversation import IGNORE_INDEX, ConversationError, encode
-from .imaging import ImageLoadError, load_image, mean_colour, pad_to_square
+from .imaging import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, mean_colour, pad_to_square
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,9 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, sources: Sequence[Any], bundle, template: str, max_length: int = 2048,
                  overlength: str = "skip", image_aspect_ratio: str = "pad", system: str | None = None,
-                 max_skip_rate: float = 1.0):
+                 max_skip_rate: float = 1.0, max_image_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.bundle = bundle
+        self.max_image_pixels = max_image_pixels
         self.template = template
         self.max_length = max_length
         self.overlength = overlength
@@ -214,7 +215,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         memo = getattr(self, "_decoded", None)
         if memo is not None and path in memo:
             return memo[path]
-        pixels = preprocess_image(load_image(path), self.bundle.image_processor, self.image_aspect_ratio)
+        pixels = preprocess_image(load_image(path, self.max_image_pixels), self.bundle.image_processor, self.image_aspect_ratio)
         if memo is not None:
             memo[path] = pixels
         return pixels

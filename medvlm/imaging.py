@@ -24,25 +24,46 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+# Checked from the header before any pixel is decoded: a 12000x12000 scan would take ~0.5 GB as RGB
+# (more while decoding). 64M pixels is far above any real figure or radiograph (PMC's and DICOM's run to
+# a few thousand pixels a side); the stage setting ``max_image_pixels`` changes it.
+DEFAULT_MAX_PIXELS = 64_000_000
 
 
 class ImageLoadError(ValueError):
     """An image file that cannot be turned into a picture; the message names the file and the fix."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open ``path`` as an RGB PIL image; DICOM is recognised by suffix or by its ``DICM`` preamble."""
+class ImageTooLarge(ImageLoadError):
+    """An image over the pixel cap, refused before its pixels are decoded."""
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``path`` as an RGB PIL image; DICOM is recognised by suffix or by its ``DICM`` preamble.
+    An image with more than ``max_pixels`` pixels (None: no cap) raises ``ImageTooLarge`` undecoded."""
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"{path}: image file not found")
     if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
-        return dicom_to_image(path)
+        return dicom_to_image(path, max_pixels)
     try:
         with Image.open(path) as img:
+            check_pixels(path, img.size, max_pixels)
             img.load()
             return _to_rgb(img)
+    except Image.DecompressionBombError as exc:   # Pillow's own cap, for a caller that passed max_pixels=None
+        raise ImageTooLarge(f"{path}: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageLoadError):
+            raise
         raise ImageLoadError(f"{path}: not a readable image ({exc}); re-download or remove the file") from exc
+
+
+def check_pixels(path, size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"{path}: image_too_large: {width}x{height} is over {max_pixels:,} pixels "
+                            "(max_image_pixels); downscale it or raise the cap")
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -63,7 +84,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def dicom_to_image(path: str | os.PathLike) -> Image.Image:
+def dicom_to_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Render a DICOM file's first frame as an 8-bit RGB image (see module docstring for the steps)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -75,6 +96,7 @@ def dicom_to_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(f"{path}: not a readable DICOM file ({exc}); the file may be truncated") from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageLoadError(f"{path}: DICOM has no pixel data (e.g. a structured report); it cannot be used as an image")
+    check_pixels(path, (int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0)), max_pixels)
     try:
         pixels = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:

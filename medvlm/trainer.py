@@ -202,6 +202,7 @@ class Trainer:
         self.dataset = ConversationDataset(
             cfg.data, self.bundle, self.template, max_length=cfg.max_length, overlength=cfg.overlength,
             image_aspect_ratio=cfg.image_aspect_ratio, system=cfg.system, max_skip_rate=cfg.max_skip_rate,
+            max_image_pixels=cfg.max_image_pixels,
         )
         self.dataset.feature_cache = self.feature_cache
         self.group_by_length = choose_grouping(cfg.group_by_length, self.dataset.lengths, cfg.batch_size, cfg.seed)

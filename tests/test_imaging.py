@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medvlm.imaging import ImageLoadError, load_image, pad_to_square
+from medvlm.imaging import ImageLoadError, ImageTooLarge, load_image, pad_to_square
 from medvlm.sample_images import sample_path
 
 
@@ -125,3 +125,34 @@ def test_truncated_jpeg_fails_naming_the_file(tmp_path):
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
     with pytest.raises(ImageLoadError, match="cut.jpg"):
         load_image(cut)
+
+
+def _no_decoding(monkeypatch):
+    """Any pixel decode fails the test: the cap must act on the header alone."""
+    import pydicom
+    from PIL import ImageFile
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(refuse))
+
+
+def test_an_image_over_the_pixel_cap_is_refused_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.new("L", (400, 300)).save(path)
+    _no_decoding(monkeypatch)
+    with pytest.raises(ImageTooLarge, match=r"huge.png: image_too_large: 400x300 is over 100,000 pixels"):
+        load_image(path, max_pixels=100_000)
+
+
+def test_a_dicom_over_the_pixel_cap_is_refused_before_decoding(monkeypatch):
+    path = sample_path("CT_small.dcm", "pydicom")
+    _no_decoding(monkeypatch)
+    with pytest.raises(ImageTooLarge, match=r"CT_small.dcm: image_too_large: 128x128"):
+        load_image(path, max_pixels=128 * 128 - 1)
+
+
+def test_images_within_the_cap_load():
+    assert load_image(sample_path("CT_small.dcm", "pydicom"), max_pixels=128 * 128).size == (128, 128)

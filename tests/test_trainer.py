@@ -291,3 +291,11 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused(tmp_path, colour_set)
     with FolderLock(tmp_path / "out", "training run"):
         with pytest.raises(FolderInUse, match="in use by another training run"):
             Trainer(stage_config(data, images, tmp_path / "out", max_steps=1)).run()
+
+
+def test_images_over_the_pixel_cap_are_skipped_undecoded_and_counted(tmp_path, colour_set):
+    from medvlm.data import DataError
+
+    data, images = colour_set
+    with pytest.raises(DataError, match=r"max_skip_rate.*image_too_large"):
+        Trainer(stage_config(data, images, tmp_path / "out", epochs=1, max_image_pixels=1)).run()
