@@ -62,11 +62,13 @@ def evaluate_model(bundle, records: Sequence[VQARecord], out_dir: str | Path, se
         return _score_and_write(records, _predict(bundle, records, **answer), out_dir, suites, candidates, settings)
     exchange = FileExchange(out_dir, shared_token(), rank, world_size)
     try:
-        share = [records[i] for i in shard_by_image([r.image for r in records], rank, world_size)]
-        parts = exchange.gather(_predict(bundle, share, **answer))
+        indices = shard_by_image([r.image for r in records], rank, world_size)
+        share = _predict(bundle, [records[i] for i in indices], **answer)
+        parts = exchange.gather([[i, prediction] for i, prediction in zip(indices, share)])
         result = None
         if rank == 0:
-            predictions = {key: value for part in parts for key, value in part.items()}
+            by_position = dict(pair for part in parts for pair in part)
+            predictions = [by_position[i] for i in range(len(records))]
             result = _score_and_write(records, predictions, out_dir, suites, candidates, settings)
     except BaseException as exc:
         exchange.fail(exc)
@@ -75,45 +77,48 @@ def evaluate_model(bundle, records: Sequence[VQARecord], out_dir: str | Path, se
 
 
 def _predict(bundle, records: Sequence[VQARecord], settings: EvalSettings, progress: bool,
-             feature_cache_dir) -> dict[str, str]:
-    """``{record id: prediction}``: closed questions by likelihood or generation, the rest by generation,
-    with the prompt layout, decoding and answer clean-up of ``settings.protocol``."""
+             feature_cache_dir) -> list[str]:
+    """One prediction per record, in order (ids may repeat, as in LLaVA-Med's converted files): closed
+    questions by likelihood or generation, the rest by generation, with the prompt layout, decoding and
+    answer clean-up of ``settings.protocol``."""
     from medvlm.conversation import get_template
     from medvlm.generate import generate_answers
 
     protocol, batch_size = settings.spec, settings.batch_size
     template = get_template(protocol.template or bundle.template)
-    predictions: dict[str, str] = {}
-    closed = [r for r in records if r.answer_type == "closed"]
+    predictions: dict[int, str] = {}   # keyed by position in ``records``
+    closed = [i for i, r in enumerate(records) if r.answer_type == "closed"]
     generate_all = settings.closed_mode == "generate"
-    to_generate = list(records) if generate_all else [r for r in records if r.answer_type == "open"]
+    to_generate = [i for i, r in enumerate(records) if generate_all or r.answer_type == "open"]
     if not generate_all and closed:
-        choices = likelihood_choice(bundle, [format_question(protocol, r.question, "closed", settings.option_suffix)
-                                             for r in closed], [r.image for r in closed], ["yes", "no"],
+        choices = likelihood_choice(bundle, [format_question(protocol, records[i].question, "closed",
+                                                             settings.option_suffix) for i in closed],
+                                    [records[i].image for i in closed], ["yes", "no"],
                                     batch_size=batch_size, template=template.name, image_first=protocol.image_first)
-        predictions.update({r.id: c for r, c in zip(closed, choices)})
-    questions = [format_question(protocol, r.question, r.answer_type, settings.option_suffix) for r in to_generate]
+        predictions.update(zip(closed, choices))
+    questions = [format_question(protocol, records[i].question, records[i].answer_type, settings.option_suffix)
+                 for i in to_generate]
     feature_cache = None
     if feature_cache_dir is not None:
         from medvlm.features import FeatureCache
 
         feature_cache = FeatureCache(bundle.model, bundle.image_processor, "pad", feature_cache_dir)
     torch.manual_seed(settings.seed)
-    answers = generate_answers(bundle, questions, [r.image for r in to_generate], max_new_tokens=settings.tokens,
+    answers = generate_answers(bundle, questions, [records[i].image for i in to_generate], max_new_tokens=settings.tokens,
                                batch_size=batch_size, template=template.name, progress=progress,
                                feature_cache=feature_cache, image_first=protocol.image_first,
                                generation=generation_arguments(protocol, bundle.tokenizer, template.stop_strings))
     answers = [clean_answer(a, template.stop_strings, template.answer_prefix) for a in answers]
-    predictions.update({r.id: a for r, a in zip(to_generate, answers)})
-    return predictions
+    predictions.update(zip(to_generate, answers))
+    return [predictions[i] for i in range(len(records))]
 
 
-def _score_and_write(records: Sequence[VQARecord], predictions: dict[str, str], out_dir: Path, suites, candidates,
+def _score_and_write(records: Sequence[VQARecord], predictions: list[str], out_dir: Path, suites, candidates,
                      settings: dict) -> dict:
-    rows = [{"id": r.id, "question": r.question, "gt": r.answer, "prediction": predictions[r.id],
-             "answer_type": r.answer_type, "image": r.image, **_groups(r)} for r in records]
+    rows = [{"id": r.id, "question": r.question, "gt": r.answer, "prediction": p,
+             "answer_type": r.answer_type, "image": r.image, **_groups(r)} for r, p in zip(records, predictions)]
     atomic_write_jsonl(out_dir / "answers.jsonl", rows)
-    items = [Item(r.id, predictions[r.id], r.answer, r.answer_type, _groups(r)) for r in records]
+    items = [Item(r.id, p, r.answer, r.answer_type, _groups(r)) for r, p in zip(records, predictions)]
     result = evaluate_items(items, suites, candidates)
     result["settings"] = settings
     atomic_write_json(out_dir / "metrics.json", result)

@@ -434,3 +434,22 @@ def test_a_name_cannot_be_registered_twice():
 
     with pytest.raises(ValueError, match="registered already"):
         metrics.register_suite(metrics.Suite("strict", ("closed_accuracy",), lambda item, candidates: {}))
+
+
+def test_evaluation_scores_each_question_when_ids_repeat(tmp_path, monkeypatch):
+    """LLaVA-Med's converted test files repeat question ids: each record keeps its own prediction."""
+    import medvlm.generate
+    from downstream.datasets import VQARecord
+    from downstream.evaluate import evaluate_model
+    from medvlm.model import build_tiny
+
+    image = str(write_vqa_rad_original(tmp_path / "vqa_rad", _items()) / "VQA_RAD Image Folder" / "ct_a.jpg")
+    records = [VQARecord("7", image, "Is this a CT scan?", "yes", "closed", "test", "vqa-rad"),
+               VQARecord("7", image, "Which organ is shown?", "liver", "open", "test", "vqa-rad")]
+    echo = {"Is this a CT scan?": "yes", "Which organ is shown?": "liver"}
+    monkeypatch.setattr(medvlm.generate, "generate_answers",
+                        lambda bundle, questions, images, **kw: [echo[q.strip()] for q in questions])
+    result = evaluate_model(build_tiny(), records, tmp_path / "eval", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == ["yes", "liver"]
+    assert result["suites"]["strict"]["closed_accuracy"] == result["suites"]["strict"]["open_recall"] == 100.0
