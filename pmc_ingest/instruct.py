@@ -202,7 +202,9 @@ def select_pairs(pairs_dir: str | Path, options: InstructOptions) -> list[dict]:
 
     pairs = load_pairs(pairs_dir)
     if options.modalities:
-        wanted = set(options.modalities)
+        from .alignment import canonical_modalities
+
+        wanted = set(canonical_modalities(options.modalities))
         pairs = pairs.filter(lambda m: m in wanted, input_columns="modality")
     rows = list(pairs)
     if options.sample is not None and options.sample < len(rows):

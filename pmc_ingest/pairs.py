@@ -468,7 +468,9 @@ def _fetch_and_process(store, requested: str, options: IngestOptions, log: WorkL
     except FetchError as exc:
         result.error, result.error_kind, result.transient = str(exc), "fetch_failed", True
         return result
-    except (FileMissing, PackageError, ValueError) as exc:
+    except (FileMissing, PackageError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        # TypeError & co.: metadata JSON of the wrong shape (e.g. ``"media_urls": 5``); that article is
+        # reported and the run goes on, as for a bad local package
         result.error, result.error_kind = str(exc), "not_found" if isinstance(exc, FileMissing) else "bad_metadata"
         return result
     return process_package(package, options, None, result) if package else result

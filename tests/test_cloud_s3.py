@@ -146,3 +146,16 @@ def test_cli_reads_the_bucket_and_refuses_a_wrong_endpoint_in_one_line(s3, ids, 
     assert len(err) == 1 and "cannot list the bucket" in err[0] and "--endpoint-url" in err[0]
     assert main(["ingest", "pmc", URL, "--out", str(tmp_path / "q")]) == 2
     assert "needs --pmcids" in capsys.readouterr().err
+
+
+def test_an_article_with_malformed_metadata_is_reported_and_the_run_goes_on(s3, ids, tmp_path):
+    import json
+
+    bad = {"pmcid": "PMC7000000", "version": 1, "license_code": "CC BY", "is_retracted": False, "media_urls": 5}
+    for key, body in (("metadata/PMC7000000.1.json", json.dumps(bad).encode()), ("PMC7000000.1/PMC7000000.1.xml", b"<article/>")):
+        s3.client().put_object(Bucket=BUCKET, Key=key, Body=body, ACL="public-read")
+    ids.write_text(ids.read_text() + "PMC7000000\n")
+    ingest_pmc([URL], tmp_path / "out", options(s3, ids), progress=False)
+    assert len(rows(tmp_path / "out")) == 8
+    bad = json.loads((tmp_path / "out" / "report.json").read_text())["bad_inputs"]
+    assert [(b["file"], b["reason"]) for b in bad] == [(f"{URL}/PMC7000000.1/", "bad_metadata")]

@@ -286,3 +286,16 @@ def test_an_empty_reply_without_usage_cached_by_older_versions_is_sent_again(pai
         cache.write_text(json.dumps({**entry, "text": "", "usage": None}) + "\n")   # what a wrong-shaped 200 left
         summary = generate_instructions(pairs, tmp_path / "out", _options(server, limit=1), progress=False)
     assert summary.cached == 0 and summary.sent == 1 and summary.accepted == 1
+
+
+def test_modality_filter_matches_any_case_and_refuses_unknown_tags(pairs):
+    from pmc_ingest.instruct import select_pairs
+    from pmc_ingest.pairs import load_pairs
+
+    tagged = [r["modality"] for r in load_pairs(pairs) if r["modality"]]
+    assert tagged, "the fixture's captions must carry modality tags"
+    wanted = tagged[0]
+    chosen = select_pairs(pairs, InstructOptions(modalities=[wanted.lower()]))
+    assert chosen and {r["modality"] for r in chosen} == {wanted}
+    with pytest.raises(ValueError, match="unknown modality tag"):
+        select_pairs(pairs, InstructOptions(modalities=["ctt"]))
