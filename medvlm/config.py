@@ -141,8 +141,7 @@ PRESETS = ("tiny",)
 # settings that cannot change what a run learns: changing them between runs resumes with a warning
 RESUME_SAFE_KEYS = frozenset({"name", "output_dir", "log_steps", "save_steps", "keep_last", "num_workers",
                               "report_to", "project", "run_name", "feature_cache", "feature_cache_dir", "answer_logits_only",
-                              "gradient_checkpointing", "max_skip_rate", "trust_remote_code", "save_projector",
-                              "report_to", "project", "run_name"})
+                              "gradient_checkpointing", "max_skip_rate", "trust_remote_code", "save_projector"})
 
 
 def _check_ranges(obj, ranges: dict, prefix: str = "") -> None:
@@ -220,6 +219,19 @@ def config_changes(old: dict, new: dict) -> dict[str, str]:
             short = all(not isinstance(v, (list, dict)) and len(str(v)) <= 40 for v in (a, b))
             changes[key] = f"{a} → {b}" if short else "changed"
     return changes
+
+
+def recorded_config(recorded: dict) -> dict:
+    """A ``stage_config.json`` written by an earlier version, as this version would write it: settings
+    since removed are dropped and settings added since are at their defaults (which is what the earlier
+    version did), so a new field never blocks resuming or finishing an old run."""
+    known = {f.name: f for f in dataclasses.fields(StageConfig)}
+    completed = {key: value for key, value in recorded.items() if key in known}
+    for name, f in known.items():
+        if name not in completed and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            completed[name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+    return completed
 
 
 def resume_safe(key: str) -> bool:

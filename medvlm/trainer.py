@@ -62,7 +62,7 @@ import torch
 
 from .checkpoint import (ResumeCheckpoints, atomic_folder, final_checkpoint, merge_lora_gathered,
                          projector_weights, strip_peft_prefix, trim_log)
-from .config import ConfigError, StageConfig, config_changes, config_hash, resume_safe, to_dict
+from .config import ConfigError, StageConfig, config_changes, config_hash, recorded_config, resume_safe, to_dict
 from .conversation import IGNORE_INDEX
 from .data import (Collator, ConversationDataset, DataError, ImageGroupedBatchSampler, LengthGroupedBatchSampler,
                    choose_grouping)
@@ -368,17 +368,24 @@ class Trainer:
         return final_checkpoint(self.output_dir) is not None or bool(ResumeCheckpoints(self.output_dir).complete())
 
     def _check_previous_run(self) -> None:
-        """Refuse to resume (or call finished) a run made with a different config; ``restart`` starts over."""
+        """Refuse to resume (or call finished) a run made with a different config; ``restart`` starts over,
+        but only then: with the same config it resumes, so a requeued ``--restart`` job keeps its progress."""
         recorded = self.output_dir / "stage_config.json"
-        if self.restart or not recorded.is_file() or not self._has_previous_run():
+        if not recorded.is_file() or not self._has_previous_run():
+            self.restart = False
             return
-        changes = config_changes(json.loads(recorded.read_text()), to_dict(self.config))
+        changes = config_changes(recorded_config(json.loads(recorded.read_text())), to_dict(self.config))
         blocking = [f"{key} {change}" for key, change in changes.items() if not resume_safe(key)]
-        if blocking:
+        if blocking and not self.restart:
             raise ConfigError(
                 f"{self.output_dir} holds a run made with a different config ({'; '.join(blocking)}); "
                 "rerun with --restart to start that stage over (the old run is kept until the new one completes) "
                 "or choose another output_dir")
+        if blocking:
+            return
+        if self.restart:
+            logger.warning("--restart: %s holds a run with this same config; resuming it", self.output_dir)
+            self.restart = False
         if changes:
             logger.warning("resuming %s with changed settings that do not affect the result: %s", self.output_dir,
                            "; ".join(f"{key} {change}" for key, change in changes.items()))

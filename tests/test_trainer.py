@@ -299,3 +299,26 @@ def test_images_over_the_pixel_cap_are_skipped_undecoded_and_counted(tmp_path, c
     data, images = colour_set
     with pytest.raises(DataError, match=r"max_skip_rate.*image_too_large"):
         Trainer(stage_config(data, images, tmp_path / "out", epochs=1, max_image_pixels=1)).run()
+
+
+def test_restart_with_an_unchanged_config_resumes_instead_of_starting_over(tmp_path, colour_set):
+    """A requeued Slurm job reruns the same ``--restart`` command: its progress must survive."""
+    data, images = colour_set
+    out = tmp_path / "out"
+    first = Trainer(stage_config(data, images, out, max_steps=2)).run()
+    written = (first.checkpoint / "COMPLETE").stat().st_mtime_ns
+    again = Trainer(stage_config(data, images, out, max_steps=2), restart=True).run()
+    assert again.checkpoint == first.checkpoint and again.global_step == 2
+    assert (again.checkpoint / "COMPLETE").stat().st_mtime_ns == written     # not trained again
+
+
+def test_a_run_recorded_before_newer_settings_existed_still_counts_as_the_same_config(tmp_path, colour_set):
+    data, images = colour_set
+    out = tmp_path / "out"
+    Trainer(stage_config(data, images, out, max_steps=2)).run()
+    recorded = json.loads((out / "stage_config.json").read_text())
+    for added_later in ("max_image_pixels", "pack_by_image", "quantize"):
+        recorded.pop(added_later)
+    recorded["tensorboard"] = False                                 # a setting since removed
+    (out / "stage_config.json").write_text(json.dumps(recorded))
+    assert Trainer(stage_config(data, images, out, max_steps=2)).run().global_step == 2
