@@ -243,11 +243,15 @@ def run_judge(questions: list[ChatQuestion], answers: dict[str, str], out_dir: s
                      "reference": reference, "answer": answers[item.id], "judge_reply": reply,
                      "scores": parse_scores(reply) if reply is not None else None})
     result = {"judge_model": options.model, "rubric": rubric.name, "summary": summarize(rows),
-              "unanswered_by_judge": stats.not_attempted
-              + sum(r["judge_reply"] is None for r in rows), "failures": dict(stats.failures)}
+              "unanswered_by_judge": sum(r["judge_reply"] is None for r in rows),   # unsent ones included
+              "failures": dict(stats.failures)}
     if answered_with:
         result["answered_with"] = answered_with
     _write(out_dir, rows, result)
+    if stats.stop_reason or not any(r["scores"] for r in rows):
+        raise ClientError(f"judging {'stopped: ' + stats.stop_reason if stats.stop_reason else 'scored nothing'} "
+                          f"({result['unanswered_by_judge']} of {len(rows)} unanswered, failures {result['failures']}); "
+                          f"fix the judge endpoint and rerun: scored replies are cached ({out_dir / 'metrics.json'})")
     return result
 
 

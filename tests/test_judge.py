@@ -188,3 +188,13 @@ def test_cli_llava_med_rubric_without_a_checkout_says_how_to_get_one_in_one_line
     assert len(err.splitlines()) == 1
     assert "--rubric llava_med needs your own LLaVA-Med checkout" in err
     assert "git clone https://github.com/microsoft/LLaVA-Med" in err and "--llava-med-repo" in err
+
+
+def test_a_judge_endpoint_that_refuses_fails_the_run_with_the_metrics_written(tmp_path, monkeypatch):
+    from pmc_ingest.chat_client import ClientError
+
+    monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
+    questions = [ChatQuestion("a", "q", None, "conversation", "mri", "c", "", [], "ref")]
+    with FakeOpenAI(always="404") as server, pytest.raises(ClientError, match="judging stopped"):
+        run_judge(questions, {"a": "x"}, tmp_path, judge_options(base_url=server.base_url), progress=False)
+    assert json.loads((tmp_path / "metrics.json").read_text())["unanswered_by_judge"] == 1
