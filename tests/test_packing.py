@@ -214,7 +214,7 @@ def test_a_batch_decodes_each_image_once(vqa_items, monkeypatch):
 
     calls = []
     real = medvlm.data.load_image
-    monkeypatch.setattr(medvlm.data, "load_image", lambda path: calls.append(path) or real(path))
+    monkeypatch.setattr(medvlm.data, "load_image", lambda path, *cap: calls.append(path) or real(path, *cap))
     vqa_items(build_tiny())
     assert len(calls) == 3
 
