@@ -81,21 +81,24 @@ def test_load_for_inference_places_the_model_and_describe_reads_it_back():
 
 # ------------------------------------------------------------------------------------ evaluation
 EVAL_SCRIPT = """
-import json, sys
+import json, os, sys
+from pathlib import Path
 import downstream.evaluate as ev
 from downstream.datasets import load_vqa
 from medvlm.device import load_for_inference
 
 answered = ev._predict
 def counting(bundle, records, **kw):
-    print("answered", len(records), flush=True)
+    # one file per rank: the ranks' stdout lines can interleave in the launcher's pipe
+    count = Path(sys.argv[2] + ".answered-rank" + os.environ.get("RANK", "0"))
+    count.write_text(str(len(records)))
     return answered(bundle, records, **kw)
 ev._predict = counting
 root, out, mode = sys.argv[1:4]
 records, _ = load_vqa("vqa-rad", root, "test")
 result = ev.evaluate_model(load_for_inference({"preset": "tiny"}, device="cpu"), records, out, batch_size=3,
                            max_new_tokens=4, closed_mode=mode, progress=False)
-print("RESULT", json.dumps(result["suites"]["strict"]["closed_accuracy"]), flush=True)
+Path(out + ".result-rank" + os.environ.get("RANK", "0")).write_text(json.dumps(result["suites"]["strict"]["closed_accuracy"]))
 """
 
 
@@ -134,14 +137,14 @@ def test_two_processes_answer_their_share_of_images_and_rank_0_scores_the_same_a
     one = _run([], script, root, tmp_path / "one", mode)
     two = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2"], script, root, tmp_path / "two", mode)
 
-    assert [line for line in one.stdout.splitlines() if line.startswith("answered")] == ["answered 15"]
-    shares = sorted(int(line.split()[1]) for line in two.stdout.splitlines() if line.startswith("answered"))
+    assert [p.read_text() for p in tmp_path.glob("one.answered-rank*")] == ["15"]
+    shares = sorted(int(p.read_text()) for p in tmp_path.glob("two.answered-rank*"))
     assert len(shares) == 2 and sum(shares) == 15 and all(n % 3 == 0 and n > 0 for n in shares)  # whole images
     assert (tmp_path / "one" / "answers.jsonl").read_text() == (tmp_path / "two" / "answers.jsonl").read_text()
     metrics = {n: json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two")}
     assert metrics["one"].pop("settings")["processes"] == 1 and metrics["two"].pop("settings")["processes"] == 2
     assert metrics["one"] == metrics["two"]
-    results = [line for line in two.stdout.splitlines() if line.startswith("RESULT")]
+    results = [p.read_text() for p in tmp_path.glob("two.result-rank*")]
     assert len(results) == 2 and len(set(results)) == 1   # every rank returns rank 0's scores
     assert not list((tmp_path / "two").glob(".ranks-*"))   # the exchange folder is gone
 
